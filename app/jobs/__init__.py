@@ -1,0 +1,1 @@
+"""The jobs: one module per job, each a Celery task registered as `jobs.<snake_case>`."""

@@ -1,0 +1,29 @@
+"""The service's SQLAlchemy models, one module per aggregate; importing this registers them all."""
+
+from app.models.base import Base
+from app.models.batch import Batch, BatchItem
+from app.models.data_import import Import
+from app.models.dataset import Dataset, Record
+from app.models.email_delivery import EmailDelivery
+from app.models.order import Order, OrderItem
+from app.models.payment import Payment
+from app.models.product import InventoryAudit, Product
+from app.models.report import Report
+from app.models.user import User
+
+__all__ = [
+    "Base",
+    "Batch",
+    "BatchItem",
+    "Dataset",
+    "EmailDelivery",
+    "Import",
+    "InventoryAudit",
+    "Order",
+    "OrderItem",
+    "Payment",
+    "Product",
+    "Record",
+    "Report",
+    "User",
+]

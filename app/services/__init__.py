@@ -1,0 +1,1 @@
+"""Business logic the jobs call. It takes a session, may flush, never commits, knows no Celery."""

@@ -1,0 +1,232 @@
+"""The service's configuration: every environment variable is read and checked here, once.
+
+A bad value raises `ConfigError` naming the variable and what was expected; a password in a
+URL never appears in a message. `DATABASE_URL` / `BROKER_URL` left unset mean "use the
+embedded default" (see `app.embedded`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+#: Where the embedded servers keep their data unless APP_STATE_DIR says otherwise.
+DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / ".state"
+
+#: Broker URL schemes kombu can reach that this service supports.
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>://[^:/@\s]*:)[^@\s]*@")
+
+
+class ConfigError(ValueError):
+    """A configuration variable has a value the service cannot use."""
+
+    def __init__(self, variable: str, expected: str, got: str | None = None) -> None:
+        self.variable = variable
+        detail = f"{variable}: expected {expected}"
+        if got is not None:
+            detail += f", got {got!r}"
+        super().__init__(detail)
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any password replaced by `***`, whether or not it parses."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***@", url)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Checked configuration. `None` URLs mean the embedded default is to be used."""
+
+    database_url: str | None
+    broker_url: str | None
+    result_backend: str | None
+    statsd_host: str
+    statsd_port: int
+    statsd_prefix: str
+    app_timezone: str
+    smtp_host: str
+    smtp_port: int
+    log_format: str
+    log_level: str
+    state_dir: Path
+
+    def redacted(self) -> dict[str, str]:
+        """The settings as strings fit for a log line: passwords hidden."""
+        shown: dict[str, str] = {}
+        for name, value in self.__dict__.items():
+            text = "" if value is None else str(value)
+            shown[name] = redact_url(text) if "url" in name or "backend" in name else text
+        return shown
+
+
+def _database_url(raw: str) -> str:
+    expected = "a PostgreSQL URL such as postgresql://user:password@host:5432/database"
+    try:
+        url: URL = make_url(raw)
+    except (ArgumentError, ValueError):
+        raise ConfigError("DATABASE_URL", expected, redact_url(raw)) from None
+    backend = url.get_backend_name()
+    driver = url.get_driver_name() if "+" in url.drivername else None
+    if backend not in ("postgresql", "postgres"):
+        raise ConfigError("DATABASE_URL", expected, redact_url(raw))
+    if driver not in (None, "psycopg"):
+        raise ConfigError(
+            "DATABASE_URL", "the psycopg (v3) driver, postgresql+psycopg://…", redact_url(raw)
+        )
+    if not url.database:
+        raise ConfigError(
+            "DATABASE_URL", expected + " (the database name is missing)", redact_url(raw)
+        )
+    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def _broker_url(raw: str) -> str:
+    scheme = urlsplit(raw).scheme if "://" in raw else ""
+    if scheme not in BROKER_SCHEMES:
+        raise ConfigError(
+            "BROKER_URL",
+            "a URL starting with one of " + ", ".join(f"{s}://" for s in BROKER_SCHEMES),
+            redact_url(raw),
+        )
+    return raw
+
+
+def _result_backend(raw: str | None, broker_url: str | None) -> str | None:
+    if raw:
+        if "://" not in raw:
+            raise ConfigError(
+                "RESULT_BACKEND",
+                "a Celery result backend URL such as redis://host:6379/0 or rpc://",
+                redact_url(raw),
+            )
+        return raw
+    if broker_url is None or broker_url.startswith(("redis", "rediss")):
+        return broker_url  # None: resolved with the embedded broker
+    return "rpc://"
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(name, "a TCP port number between 1 and 65535", raw)
+    return int(raw)
+
+
+def _choice(
+    env: Mapping[str, str],
+    name: str,
+    choices: tuple[str, ...],
+    default: str,
+    *,
+    upper: bool = False,
+) -> str:
+    raw = env.get(name, "").strip() or default
+    value = raw.upper() if upper else raw.lower()
+    if value not in choices:
+        raise ConfigError(name, "one of " + ", ".join(choices), raw)
+    return value
+
+
+def _timezone(raw: str) -> str:
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            "APP_TIMEZONE", "an IANA time zone name such as UTC or Europe/Berlin", raw
+        ) from None
+    return raw
+
+
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if any(c.isspace() for c in raw) or "/" in raw:
+        raise ConfigError(name, "a host name or IP address", raw)
+    return raw
+
+
+def _prefix(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", raw):
+        raise ConfigError(
+            "STATSD_PREFIX",
+            "dot-separated words of letters, digits and underscores, such as jobs_service",
+            raw,
+        )
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and check the configuration from `env` (the process environment by default)."""
+    env = os.environ if env is None else env
+    database_url = env.get("DATABASE_URL", "").strip()
+    broker_url = env.get("BROKER_URL", "").strip()
+    checked_broker = _broker_url(broker_url) if broker_url else None
+    return Settings(
+        database_url=_database_url(database_url) if database_url else None,
+        broker_url=checked_broker,
+        result_backend=_result_backend(
+            env.get("RESULT_BACKEND", "").strip() or None, checked_broker
+        ),
+        statsd_host=_host(env, "STATSD_HOST", "127.0.0.1"),
+        statsd_port=_port(env, "STATSD_PORT", 8125),
+        statsd_prefix=_prefix(env.get("STATSD_PREFIX", "").strip() or "jobs_service"),
+        app_timezone=_timezone(env.get("APP_TIMEZONE", "").strip() or "UTC"),
+        smtp_host=_host(env, "SMTP_HOST", "127.0.0.1"),
+        smtp_port=_port(env, "SMTP_PORT", 8025),
+        log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, "text"),
+        log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "INFO", upper=True),
+        state_dir=Path(env.get("APP_STATE_DIR", "").strip() or DEFAULT_STATE_DIR),
+    )
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The database and broker this process talks to, embedded default resolved."""
+
+    database_url: str
+    broker_url: str
+    result_backend: str
+
+
+@cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return load_settings()
+
+
+@cache
+def get_endpoints() -> Endpoints:
+    """The URLs in use: those configured, or the embedded servers' (started if need be)."""
+    settings = get_settings()
+    database_url, broker_url = settings.database_url, settings.broker_url
+    if database_url is None or broker_url is None:
+        from app import embedded  # only development and tests reach this
+
+        running = embedded.ensure_running(
+            settings.state_dir,
+            postgres=database_url is None,
+            redis=broker_url is None,
+        )
+        database_url = database_url or running.database_url
+        broker_url = broker_url or running.broker_url
+    assert database_url is not None and broker_url is not None
+    return Endpoints(
+        database_url=database_url,
+        broker_url=broker_url,
+        result_backend=settings.result_backend or broker_url,
+    )

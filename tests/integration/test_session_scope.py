@@ -1,0 +1,54 @@
+"""The one transactional scope: commit on success, roll back on error, fork-safe engine."""
+
+from __future__ import annotations
+
+import multiprocessing
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select, text
+
+from app.db import get_engine, session_scope
+from app.models import Product
+from tests.integration.conftest import Services
+
+
+def product_count() -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(Product)) or 0
+
+
+def test_the_scope_commits_when_the_block_succeeds(services: Services) -> None:
+    with session_scope() as session:
+        session.add(Product(sku="A", name="A", price=Decimal(1)))
+    assert product_count() == 1
+
+
+def test_the_scope_rolls_back_when_the_block_raises(services: Services) -> None:
+    with pytest.raises(ZeroDivisionError), session_scope() as session:
+        session.add(Product(sku="A", name="A", price=Decimal(1)))
+        session.flush()
+        _ = 1 / 0
+    assert product_count() == 0
+
+
+def backend_pid_in_child(queue: multiprocessing.Queue[int]) -> None:
+    with session_scope() as session:
+        queue.put(int(session.scalar(text("SELECT pg_backend_pid()")) or 0))
+
+
+def test_a_forked_child_opens_its_own_connection(services: Services) -> None:
+    with get_engine().connect() as conn:
+        parent_pid = conn.scalar(text("SELECT pg_backend_pid()"))
+    # The parent's connection is back in its pool; a prefork child must not reuse it.
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[int] = context.Queue()
+    child = context.Process(target=backend_pid_in_child, args=(queue,))
+    child.start()
+    child_pid = queue.get(timeout=30)
+    child.join(timeout=30)
+
+    assert child.exitcode == 0
+    assert child_pid != parent_pid
+    with get_engine().connect() as conn:  # and the parent's pooled connection still works
+        assert conn.scalar(text("SELECT pg_backend_pid()")) == parent_pid
