@@ -1,0 +1,48 @@
+# The two commands a newcomer runs: `make run` (the service) and `make test` (the tests).
+# With DATABASE_URL / BROKER_URL unset, both use the embedded PostgreSQL and Redis.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup run migrate test unit lint embedded-start embedded-stop clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## setup: make the virtual environment and install the project with its dev tools
+setup: $(BIN)/.installed
+
+## run: migrate, then run the worker and beat from the Procfile (Ctrl-C stops everything)
+run: setup
+	$(BIN)/python -m app.embedded run -- sh -c 'alembic upgrade head && exec honcho -f Procfile start worker beat'
+
+## migrate: bring the configured (or embedded) database to the newest schema
+migrate: setup
+	$(BIN)/python -m app.embedded run -- alembic upgrade head
+
+## test: the whole suite, unit and integration, against the configured or embedded servers
+test: setup
+	$(BIN)/pytest
+
+## unit: the unit tests only (no broker, no database)
+unit: setup
+	$(BIN)/pytest tests/unit
+
+## lint: ruff and mypy
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+embedded-start: setup
+	$(BIN)/python -m app.embedded start
+
+embedded-stop: setup
+	$(BIN)/python -m app.embedded stop
+
+clean: embedded-stop
+	rm -rf $(VENV) .state
