@@ -42,6 +42,8 @@ task_queues = [Queue(name, routing_key=name) for name in QUEUE_NAMES]
 task_default_queue = "default"  # not Celery's `celery`
 task_default_routing_key = "default"
 task_create_missing_queues = False
+# A job's `queue_as` (a name, or a choice from its arguments) decides, unless the caller does.
+task_routes = ("app.jobs.base.route_by_queue_as",)
 
 # Delivery ----------------------------------------------------------------------------------
 
@@ -61,7 +63,6 @@ result_backend_transport_options = {"visibility_timeout": 6 * 3600}
 imports = ("app.jobs",)
 worker_hijack_root_logger = True
 worker_send_task_events = True
-task_send_sent_event = True
 
 # Recurring jobs (Celery beat) --------------------------------------------------------------
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_endpoints
+
+logger = logging.getLogger(__name__)
 
 _engine: Engine | None = None
 _session_factory: sessionmaker[Session] | None = None
@@ -42,11 +46,23 @@ def _forget_parent_connections() -> None:
 os.register_at_fork(after_in_child=_forget_parent_connections)
 
 
+#: Callbacks waiting for the innermost open scope of this thread/task to commit.
+_after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "after_commit", default=None
+)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
-    """One transaction: commit if the block succeeds, roll back on any error, always close."""
+    """One transaction: commit if the block succeeds, roll back on any error, always close.
+
+    Callbacks registered with `after_commit` inside the block run once the commit has
+    succeeded, and never if it rolls back.
+    """
     get_engine()
     assert _session_factory is not None
+    callbacks: list[Callable[[], None]] = []
+    token = _after_commit.set(callbacks)
     session = _session_factory()
     try:
         yield session
@@ -56,6 +72,31 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+        _after_commit.reset(token)
+    _run_after_commit(callbacks)
+
+
+def after_commit(callback: Callable[[], None]) -> bool:
+    """Run `callback` after the open scope commits; False (and nothing kept) if none is open."""
+    callbacks = _after_commit.get()
+    if callbacks is None:
+        return False
+    callbacks.append(callback)
+    return True
+
+
+def _run_after_commit(callbacks: list[Callable[[], None]]) -> None:
+    # The commit has happened: run every callback even if one fails, then report the first
+    # failure to the caller, who would otherwise believe all of them ran.
+    first_error: BaseException | None = None
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception as exc:
+            logger.exception("after-commit callback %r failed", callback)
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
 
 
 def dispose_engine() -> None:

@@ -1,11 +1,15 @@
-"""Jobs that exist only to exercise the harness (the service's own jobs come with their issue)."""
+"""Jobs that exist only for integration tests of the harness and the job layer."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
+from typing import Any
 
 from app import celery
 from app.db import session_scope
+from app.jobs.base import EXECUTIONS_HEADER, job
+from app.jobs.policies import RetryOn
 from app.models import Product
 
 
@@ -23,3 +27,47 @@ def create_product(sku: str, inventory: int, fail_after_write: bool = False) -> 
         if fail_after_write:
             raise Boom(f"failing after writing {sku}")
         return product.id
+
+
+class FirstProblem(Exception):
+    """Retried after 1 s, 3 attempts."""
+
+
+class SecondProblem(Exception):
+    """Retried after 2 s, 2 attempts."""
+
+
+#: What `scripted_on_worker` raises per execution, by token; None means succeed.
+SCRIPTS: dict[str, list[type[Exception] | None]] = {}
+EXECUTIONS: list[dict[str, Any]] = []
+
+
+@job(
+    "jobs.test_scripted_on_worker",
+    retry_on=[
+        RetryOn(FirstProblem, wait=1, attempts=3, jitter=0),
+        RetryOn(SecondProblem, wait=2, attempts=2, jitter=0),
+    ],
+)
+def scripted_on_worker(token: str) -> str:
+    """Record this execution, then raise what the script says next."""
+    request = scripted_on_worker.request
+    EXECUTIONS.append(
+        {
+            "token": token,
+            "started": time.time(),
+            "attempt": request.retries + 1,
+            "executions": dict(getattr(request, EXECUTIONS_HEADER, None) or {}),
+            "queue": request.delivery_info.get("routing_key"),
+        }
+    )
+    outcome = SCRIPTS[token].pop(0)
+    if outcome is not None:
+        raise outcome(f"{token} execution {len(EXECUTIONS)}")
+    return "succeeded"
+
+
+@job("jobs.test_record_sku", queue_as="default")
+def record_sku(sku: str) -> int:
+    """Insert a product named `sku` and return its id."""
+    return int(create_product.run(sku, 0))

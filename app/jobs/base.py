@@ -1,0 +1,391 @@
+"""The job base: a `celery.Task` with ActiveJob's semantics.
+
+A job is declared with `@job("jobs.<snake_case>", queue_as=..., retry_on=[...], discard_on=[...])`
+on a plain function, and stays a real Celery task: `.delay()`, `.apply_async()`, `.s()`, canvas
+and `send_task` by name all work. The job layer adds, on Celery's own extension points:
+
+- per-exception retry and discard (`__call__`, `Task.retry` with headers that count attempts),
+- a queue chosen at enqueue time from the arguments (a router in `task_routes`),
+- start/finish log lines and StatsD metrics around every execution, with around-perform hooks,
+- enqueue after commit: inside an open `session_scope`, publishing waits for the commit,
+- `perform_now`, `perform_later` and `perform_all_later` (one pipelined publish for many).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, TypeVar
+
+from celery import Task
+from celery.canvas import Signature
+from celery.exceptions import Ignore, Reject, Retry
+from celery.result import AsyncResult
+from celery.utils import uuid
+
+from app.celery_app import celery_app
+from app.db import after_commit
+from app.jobs import instrumentation
+from app.jobs.arguments import SENSITIVE_NAMES, bind_arguments, redacted_arguments
+from app.jobs.errors import DeserializationError, JobDeclarationError
+from app.jobs.instrumentation import AroundPerform, Execution
+from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, find_policy
+
+logger = logging.getLogger("app.jobs")
+
+#: The queues a job may name, most urgent first.
+QUEUES = ("urgent", "default", "low")
+DEFAULT_QUEUE = "default"
+#: Message headers the job layer reads and writes.
+EXECUTIONS_HEADER = "job_executions"
+ENQUEUED_AT_HEADER = "job_enqueued_at"
+#: Headers a retry carries over from the message it retries (Celery would replace them all).
+CARRIED_HEADERS = (EXECUTIONS_HEADER,)
+#: Messages buffered before one round trip to the broker in `perform_all_later`.
+BULK_BATCH_SIZE = 1000
+
+JOB_NAME = re.compile(r"jobs\.[a-z][a-z0-9_]*")
+
+QueueChooser = Callable[..., str]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _discard_deserialization(job: Job, error: BaseException) -> None:
+    logger.error(
+        "job discarded %s[%s]: cannot deserialize its arguments: %s",
+        job.name,
+        job.request.id,
+        error,
+        extra={"job": job.name, "task_id": job.request.id, "reason": str(error)},
+    )
+
+
+#: Every job discards DeserializationError (retrying bad arguments cannot help).
+DISCARD_DESERIALIZATION = DiscardOn(DeserializationError, callback=_discard_deserialization)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job call checked and ready to publish."""
+
+    job: Job
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    task_id: str
+    options: dict[str, Any]
+
+    @property
+    def queue(self) -> str | None:
+        """The queue it goes to: the caller's choice, else the job's `queue_as`."""
+        queue = self.options.get("queue")
+        return str(getattr(queue, "name", queue)) if queue else None
+
+
+#: Where jobs go instead of the broker while a test captures them (app.jobs.testing).
+capture: list[Prepared] | None = None
+
+
+class Job(Task):  # type: ignore[misc]
+    """Base of every job. Declare jobs with `@job(...)`; subclass only to change the layer."""
+
+    #: A queue name, or a callable of the job's arguments returning one at enqueue time.
+    queue_as: str | QueueChooser = DEFAULT_QUEUE
+    retry_on: tuple[RetryOn, ...] = ()
+    discard_on: tuple[DiscardOn, ...] = ()
+    #: Further argument names whose values are kept out of logs.
+    redact: tuple[str, ...] = ()
+    around_perform: tuple[AroundPerform, ...] = ()
+    #: The policies count attempts per exception class; Celery's own cap would cut them short.
+    max_retries = None
+
+    @cached_property
+    def policies(self) -> tuple[Policy, ...]:
+        """Discards first (an explicit 'never retry'), then retries, each in declared order."""
+        return (*self.discard_on, *self.retry_on, DISCARD_DESERIALIZATION)
+
+    @cached_property
+    def sensitive_names(self) -> frozenset[str]:
+        """Argument names redacted in logs and in the message's argsrepr."""
+        return SENSITIVE_NAMES | frozenset(self.redact)
+
+    # Enqueueing ------------------------------------------------------------------------------
+
+    def queue_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """The queue for a call with these arguments, from `queue_as`."""
+        chooser = self.queue_as
+        queue = chooser(*args, **kwargs) if callable(chooser) else chooser
+        if queue not in QUEUES:
+            raise ValueError(f"{self.name}: queue_as chose {queue!r}, not one of {QUEUES}")
+        return queue
+
+    def prepare(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Prepared:
+        """Check the arguments and stamp the headers; nothing is published yet."""
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        if not options.get("retries"):
+            bind_arguments(self.run, args, kwargs)  # a bad call fails here, at the caller
+        headers = dict(options.pop("headers", None) or {})
+        headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
+        options["headers"] = headers
+        if not (options.get("queue") or options.get("routing_key") or options.get("exchange")):
+            options["queue"] = self.queue_for(args, kwargs)  # queue_as, at enqueue time
+        arguments = redacted_arguments(self.run, args, kwargs, self.sensitive_names)
+        options.setdefault("argsrepr", repr(arguments))  # argsrepr reaches logs and Flower
+        options.setdefault("kwargsrepr", "{}")
+        return Prepared(self, args, kwargs, task_id or uuid(), options)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Publish the job; inside an open `session_scope`, only once it has committed."""
+        prepared = self.prepare(
+            args, kwargs, task_id, link=link, link_error=link_error, shadow=shadow, **options
+        )
+
+        def deliver() -> None:
+            _deliver([prepared], producer)
+
+        # A retry is delivered at once: the scope it was raised in is rolling back.
+        if options.get("retries") or not after_commit(deliver):
+            deliver()
+        return self.AsyncResult(prepared.task_id)
+
+    def perform_later(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """ActiveJob's name for `.delay()`."""
+        return self.apply_async(args, kwargs)
+
+    def perform_now(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the job inline with the same policies; a retry is enqueued with its wait."""
+        return self.apply(args, kwargs, throw=True).get()
+
+    # Executing -------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        execution = Execution(
+            job_name=self.name,
+            task_id=request.id or "",
+            queue=_delivered_queue(request) or "inline",
+            attempt=(request.retries or 0) + 1,
+            arguments=redacted_arguments(self.run, args, kwargs, self.sensitive_names),
+            enqueued_at=_header(request, ENQUEUED_AT_HEADER),
+        )
+        instrumentation.started(execution)
+        try:
+            with ExitStack() as hooks:
+                for hook in self.around_perform:
+                    hooks.enter_context(hook(execution))
+                bind_arguments(self.run, args, kwargs)
+                result = super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject) as control:  # the body steered Celery itself
+            instrumentation.finished(
+                execution, "retry" if isinstance(control, Retry) else "discard"
+            )
+            raise
+        except Exception as error:
+            return self._rescue(error, execution, args, kwargs)
+        instrumentation.finished(execution, "success")
+        return result
+
+    def _rescue(
+        self, error: Exception, execution: Execution, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        policy = find_policy(self.policies, error)
+        if isinstance(policy, DiscardOn):
+            if policy.callback is not None:
+                try:
+                    policy.callback(self, error)
+                except Exception:
+                    logger.exception("discard callback of %s failed", self.name)
+            instrumentation.finished(execution, "discard", error)
+            return None
+        if isinstance(policy, RetryOn):
+            request = self.request
+            counts = dict(_header(request, EXECUTIONS_HEADER) or {})
+            executions = counted_executions(counts, policy) + 1
+            counts[policy.key] = executions
+            if executions < policy.attempts:
+                wait = policy.wait_seconds(executions)
+                instrumentation.finished(execution, "retry", error)
+                headers = {
+                    name: value
+                    for name in CARRIED_HEADERS
+                    if (value := _header(request, name)) is not None
+                }
+                headers[EXECUTIONS_HEADER] = counts
+                if request.is_eager:  # perform_now: enqueue the retry, as ActiveJob does
+                    self.apply_async(
+                        args,
+                        kwargs,
+                        countdown=wait,
+                        headers=headers,
+                        retries=(request.retries or 0) + 1,
+                    )
+                    return None
+                raise self.retry(exc=error, countdown=wait, headers=headers)
+            self.exhausted(error, execution, policy, executions)
+        instrumentation.finished(execution, "failure", error)
+        raise error
+
+    def exhausted(
+        self, error: Exception, execution: Execution, policy: RetryOn, executions: int
+    ) -> None:
+        """Called when a retry policy has run out of attempts; the job then fails for good."""
+        request = self.request
+        logger.error(
+            "job failed for good %s[%s] after %d executions for %s: %s: %s; "
+            "replay with: send_task(%r, args=%r, kwargs=%r, queue=%r)",
+            self.name,
+            execution.task_id,
+            executions,
+            policy.key,
+            type(error).__name__,
+            error,
+            self.name,
+            list(request.args or ()),
+            dict(request.kwargs or {}),
+            execution.queue,
+            extra={**execution.fields(), "event": "exhausted", "executions": executions},
+        )
+
+
+def _publish(prepared: Prepared, producer: Any = None) -> AsyncResult:
+    return Task.apply_async(
+        prepared.job,
+        prepared.args,
+        prepared.kwargs,
+        prepared.task_id,
+        producer=producer,
+        **prepared.options,
+    )
+
+
+def _scheduled_time(options: Mapping[str, Any]) -> float:
+    eta = options.get("eta")
+    if eta is not None and hasattr(eta, "timestamp"):
+        return float(eta.timestamp())
+    return time.time() + float(options.get("countdown") or 0)
+
+
+def _header(request: Any, name: str) -> Any:
+    # A worker puts message headers on the request; an eager apply() keeps them in .headers.
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def _delivered_queue(request: Any) -> str | None:
+    info = getattr(request, "delivery_info", None) or {}
+    return info.get("routing_key") or None
+
+
+def route_by_queue_as(
+    name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    options: Mapping[str, Any],
+    task: Any = None,
+    **_: Any,
+) -> Any:
+    """Celery router (celeryconfig.task_routes): a job's `queue_as`, unless the caller chose."""
+    if options.get("queue") or options.get("routing_key"):
+        return None
+    job = task if isinstance(task, Job) else celery_app.tasks.get(name)
+    if not isinstance(job, Job):
+        return None
+    return {"queue": job.queue_for(args or (), kwargs or {})}
+
+
+def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
+    """Enqueue many jobs with few broker round trips (ActiveJob 7.1, Sidekiq's push_bulk).
+
+    Every call is checked before any is published; inside an open `session_scope` the whole
+    set is published after the commit.
+    """
+    prepared = []
+    for signature in signatures:
+        job = celery_app.tasks.get(signature.task)
+        if not isinstance(job, Job):
+            raise TypeError(f"perform_all_later takes job signatures, got {signature!r}")
+        prepared.append(job.prepare(signature.args, signature.kwargs, **signature.options))
+
+    def deliver() -> None:
+        _deliver(prepared)
+
+    if not after_commit(deliver):
+        deliver()
+    return [p.job.AsyncResult(p.task_id) for p in prepared]
+
+
+def _deliver(prepared: Sequence[Prepared], producer: Any = None) -> None:
+    """Publish, or hand to the test capture; many messages share one pipelined round trip."""
+    if capture is not None:
+        capture.extend(prepared)
+    elif len(prepared) == 1:
+        _publish(prepared[0], producer)
+    else:
+        with (
+            celery_app.producer_or_acquire(producer) as batch_producer,
+            batch_producer.batch(max_size=BULK_BATCH_SIZE),
+        ):
+            for item in prepared:
+                _publish(item, batch_producer)
+
+
+def job(
+    name: str,
+    *,
+    queue_as: str | QueueChooser = DEFAULT_QUEUE,
+    retry_on: Sequence[RetryOn] = (),
+    discard_on: Sequence[DiscardOn] = (),
+    redact: Sequence[str] = (),
+    around_perform: Sequence[AroundPerform] = (),
+    **task_options: Any,
+) -> Callable[[F], Job]:
+    """Declare a function as a job registered under the stable name `jobs.<snake_case>`."""
+    if not JOB_NAME.fullmatch(name):
+        raise JobDeclarationError(f"job names are jobs.<snake_case>, got {name!r}")
+    if not callable(queue_as) and queue_as not in QUEUES:
+        raise JobDeclarationError(
+            f"{name}: queue_as must be one of {QUEUES} or a callable, got {queue_as!r}"
+        )
+    for policy in (*retry_on, *discard_on):
+        if not isinstance(policy, RetryOn | DiscardOn):
+            raise JobDeclarationError(f"{name}: expected RetryOn/DiscardOn, got {policy!r}")
+
+    # A function stored on a class would be bound as a method: keep the chooser unbound.
+    chooser = staticmethod(queue_as) if callable(queue_as) else queue_as
+
+    def declare(func: F) -> Job:
+        task = celery_app.task(
+            base=Job,
+            name=name,
+            queue_as=chooser,
+            retry_on=tuple(retry_on),
+            discard_on=tuple(discard_on),
+            redact=tuple(redact),
+            around_perform=tuple(around_perform),
+            **task_options,
+        )(func)
+        return task  # type: ignore[no-any-return]
+
+    return declare
