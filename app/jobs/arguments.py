@@ -6,6 +6,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cache
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from app.jobs.errors import DeserializationError
@@ -43,16 +44,21 @@ def positive(value: Any) -> str | None:
 RowId = Annotated[int, positive]
 
 
+@cache
+def _signature(func: Callable[..., Any]) -> tuple[inspect.Signature, dict[str, Any]]:
+    # A job is declared once and called many times: read its signature and hints once.
+    return inspect.signature(func), get_type_hints(func, include_extras=True)
+
+
 def bind_arguments(
     func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> inspect.BoundArguments:
     """Bind and check `args` / `kwargs` for `func`, or raise DeserializationError."""
-    signature = inspect.signature(func)
+    signature, hints = _signature(func)
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise DeserializationError(f"arguments do not fit {signature}: {exc}") from None
-    hints = get_type_hints(func, include_extras=True)
     for name, value in bound.arguments.items():
         if name in hints:
             problem = _check(value, hints[name])
@@ -126,7 +132,7 @@ def redacted_arguments(
     names = frozenset(sensitive)
     try:
         arguments: dict[str, Any] = dict(
-            inspect.signature(func).bind_partial(*args, **kwargs).arguments
+            _signature(func)[0].bind_partial(*args, **kwargs).arguments
         )
     except TypeError:
         arguments = {**{f"arg{i}": a for i, a in enumerate(args)}, **dict(kwargs)}

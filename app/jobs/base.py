@@ -267,7 +267,7 @@ class Job(Task):  # type: ignore[misc]
         )
 
 
-def _publish(prepared: Prepared, producer: Any = None) -> AsyncResult:
+def _publish(prepared: Prepared, producer: Any = None, **extra: Any) -> AsyncResult:
     return Task.apply_async(
         prepared.job,
         prepared.args,
@@ -275,6 +275,7 @@ def _publish(prepared: Prepared, producer: Any = None) -> AsyncResult:
         prepared.task_id,
         producer=producer,
         **prepared.options,
+        **extra,
     )
 
 
@@ -319,14 +320,16 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
     """Enqueue many jobs with few broker round trips (ActiveJob 7.1, Sidekiq's push_bulk).
 
     Every call is checked before any is published; inside an open `session_scope` the whole
-    set is published after the commit.
+    set is published after the commit. As with Sidekiq's push_bulk, the caller gets the task
+    ids and the jobs' return values are not kept (no result-backend round trips per job).
     """
     prepared = []
     for signature in signatures:
         job = celery_app.tasks.get(signature.task)
         if not isinstance(job, Job):
             raise TypeError(f"perform_all_later takes job signatures, got {signature!r}")
-        prepared.append(job.prepare(signature.args, signature.kwargs, **signature.options))
+        options = {"ignore_result": True, **signature.options}
+        prepared.append(job.prepare(signature.args, signature.kwargs, **options))
 
     def deliver() -> None:
         _deliver(prepared)
@@ -343,12 +346,14 @@ def _deliver(prepared: Sequence[Prepared], producer: Any = None) -> None:
     elif len(prepared) == 1:
         _publish(prepared[0], producer)
     else:
-        with (
-            celery_app.producer_or_acquire(producer) as batch_producer,
-            batch_producer.batch(max_size=BULK_BATCH_SIZE),
-        ):
-            for item in prepared:
-                _publish(item, batch_producer)
+        with celery_app.producer_or_acquire(producer) as batch_producer:
+            # Declare each queue once, not once per message as Celery would.
+            queues = celery_app.amqp.queues
+            for name in {item.queue for item in prepared if item.queue}:
+                batch_producer.maybe_declare(queues[name])
+            with batch_producer.batch(max_size=BULK_BATCH_SIZE):
+                for item in prepared:
+                    _publish(item, batch_producer, declare=[])
 
 
 def job(

@@ -11,11 +11,13 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from celery import chain, group
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.worker import WorkController
 from sqlalchemy import select
 
 from app.db import session_scope
+from app.jobs.base import perform_all_later
 from app.jobs.testing import EnqueuedJobs
 from app.models import Product
 from tests.integration import harness_jobs as jobs
@@ -123,3 +125,27 @@ def test_a_job_sent_by_name_from_an_app_that_never_imports_this_service(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().isdigit()
     assert sku_exists("sent-by-name")
+
+
+def test_jobs_compose_with_celery_canvas(worker: WorkController) -> None:
+    ids = group(jobs.record_sku.s("in-a-group"), jobs.record_sku.s("also-in-it")).delay()
+    assert len(ids.get(timeout=30)) == 2
+    assert chain(jobs.record_sku.si("first"), jobs.record_sku.si("second")).delay().get(timeout=30)
+    assert all(sku_exists(s) for s in ("in-a-group", "also-in-it", "first", "second"))
+
+
+def test_perform_all_later_publishes_every_job_and_each_is_processed(
+    worker: WorkController,
+) -> None:
+    results = perform_all_later(jobs.record_sku.s(f"bulk-{i}") for i in range(300))
+
+    assert len({r.id for r in results}) == 300
+    expected = {f"bulk-{i}" for i in range(300)}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            skus = set(session.scalars(select(Product.sku).where(Product.sku.like("bulk-%"))))
+        if skus == expected:
+            break
+        time.sleep(0.2)
+    assert skus == expected

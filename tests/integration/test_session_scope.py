@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select, text
 
-from app.db import get_engine, session_scope
+from app.db import dispose_engine, get_engine, session_scope
 from app.models import Product
 from tests.integration.conftest import Services
 
@@ -38,9 +38,10 @@ def backend_pid_in_child(queue: multiprocessing.Queue[int]) -> None:
 
 
 def test_a_forked_child_opens_its_own_connection(services: Services) -> None:
+    dispose_engine()  # a fresh pool holding exactly one idle connection
     with get_engine().connect() as conn:
         parent_pid = conn.scalar(text("SELECT pg_backend_pid()"))
-    # The parent's connection is back in its pool; a prefork child must not reuse it.
+    # Without the fork hook the child would check out that very idle connection.
     context = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[int] = context.Queue()
     child = context.Process(target=backend_pid_in_child, args=(queue,))
@@ -50,5 +51,5 @@ def test_a_forked_child_opens_its_own_connection(services: Services) -> None:
 
     assert child.exitcode == 0
     assert child_pid != parent_pid
-    with get_engine().connect() as conn:  # and the parent's pooled connection still works
+    with get_engine().connect() as conn:  # the parent's connection is intact and still its own
         assert conn.scalar(text("SELECT pg_backend_pid()")) == parent_pid

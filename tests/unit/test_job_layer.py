@@ -18,6 +18,7 @@ from celery.canvas import Signature
 from statsd import StatsClient
 
 from app import celery
+from app.db import session_scope
 from app.jobs import instrumentation, policies
 from app.jobs.base import EXECUTIONS_HEADER, perform_all_later, route_by_queue_as
 from app.jobs.errors import DeserializationError
@@ -271,3 +272,30 @@ class RetryWait:
     def polynomial(executions: int, seed: int, jitter: float = 0.15) -> float:
         delay = executions**4
         return delay + random.Random(seed).random() * delay * jitter + 2
+
+
+# Enqueue after commit (a session that is never used opens no connection) --------------------
+
+
+def test_a_job_enqueued_inside_a_transaction_waits_for_the_commit(
+    enqueued_jobs: EnqueuedJobs,
+) -> None:
+    with session_scope():
+        jobs.notify.delay(1, "inside")
+        enqueued_jobs.assert_no_enqueued()
+    enqueued_jobs.assert_enqueued(jobs.notify, args=[1, "inside"], count=1)
+
+
+def test_a_job_enqueued_inside_a_transaction_that_rolls_back_is_dropped(
+    enqueued_jobs: EnqueuedJobs,
+) -> None:
+    with pytest.raises(KeyError), session_scope():
+        jobs.notify.delay(1, "inside")
+        perform_all_later([jobs.notify.s(2, "bulk")])
+        raise KeyError("rollback")
+    enqueued_jobs.assert_no_enqueued()
+
+
+def test_outside_a_transaction_a_job_is_enqueued_at_once(enqueued_jobs: EnqueuedJobs) -> None:
+    jobs.notify.delay(1, "outside")
+    enqueued_jobs.assert_enqueued(jobs.notify, args=[1, "outside"])
