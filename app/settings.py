@@ -63,6 +63,9 @@ class Settings:
     log_format: str
     log_level: str
     state_dir: Path
+    mail_from: str
+    report_recipients: tuple[str, ...]
+    payment_gateway_url: str
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -170,6 +173,30 @@ def _prefix(raw: str) -> str:
     return raw
 
 
+_EMAIL = re.compile(r"[^@\s,]+@[^@\s,]+")
+
+
+def _email(name: str, raw: str) -> str:
+    if not _EMAIL.fullmatch(raw):
+        raise ConfigError(name, "an email address such as jobs@example.com", raw)
+    return raw
+
+
+def _emails(name: str, raw: str) -> tuple[str, ...]:
+    addresses = tuple(a.strip() for a in raw.split(",") if a.strip())
+    for address in addresses:
+        if not _EMAIL.fullmatch(address):
+            raise ConfigError(name, "comma-separated email addresses", raw)
+    return addresses
+
+
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, "an http:// or https:// URL", redact_url(raw))
+    return raw.rstrip("/")
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check the configuration from `env` (the process environment by default)."""
     env = os.environ if env is None else env
@@ -191,6 +218,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, "text"),
         log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "INFO", upper=True),
         state_dir=Path(env.get("APP_STATE_DIR", "").strip() or DEFAULT_STATE_DIR),
+        mail_from=_email("MAIL_FROM", env.get("MAIL_FROM", "").strip() or "jobs@example.com"),
+        report_recipients=_emails(
+            "REPORT_RECIPIENTS", env.get("REPORT_RECIPIENTS", "").strip() or "ops@example.com"
+        ),
+        payment_gateway_url=_http_url(
+            "PAYMENT_GATEWAY_URL",
+            env.get("PAYMENT_GATEWAY_URL", "").strip() or "http://127.0.0.1:8090",
+        ),
     )
 
 

@@ -21,6 +21,9 @@ def test_with_nothing_set_defaults_apply_and_urls_are_left_to_the_embedded_defau
     assert (settings.smtp_host, settings.smtp_port) == ("127.0.0.1", 8025)
     assert (settings.log_format, settings.log_level) == ("text", "INFO")
     assert settings.state_dir == DEFAULT_STATE_DIR
+    assert settings.mail_from == "jobs@example.com"
+    assert settings.report_recipients == ("ops@example.com",)
+    assert settings.payment_gateway_url == "http://127.0.0.1:8090"
 
 
 def test_values_are_read_from_the_environment() -> None:
@@ -78,6 +81,9 @@ def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
         ("APP_TIMEZONE", "Mars/Olympus_Mons", "an IANA time zone name"),
         ("LOG_FORMAT", "xml", "one of text, json"),
         ("LOG_LEVEL", "loud", "one of DEBUG"),
+        ("MAIL_FROM", "jobs at example", "an email address"),
+        ("REPORT_RECIPIENTS", "ops@example.com, nobody", "comma-separated email addresses"),
+        ("PAYMENT_GATEWAY_URL", "ftp://u:pw@gw", "an http:// or https:// URL"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(

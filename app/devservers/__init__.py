@@ -1,0 +1,1 @@
+"""Development stand-ins for the outside world: an SMTP server and a payment gateway."""
