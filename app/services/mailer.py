@@ -1,0 +1,272 @@
+"""Rendering and sending the service's emails over SMTP; knows nothing of Celery or databases.
+
+`render` builds the message for one of `EMAIL_TYPES`. A context that lacks a key the type needs
+(or holds None for it) raises `MailError` naming the keys: an email saying "Order #None" to a
+customer is worse than no email, and the caller's bug is then visible in its error.
+
+`send` hands the message to an SMTP server and turns every failure into one of:
+
+- `TransientMailError`: a 4xx reply, a dropped or refused connection; retrying may help.
+- `PermanentMailError`: a 5xx reply; retrying the same message cannot help.
+- `MailTimeout`: the server stopped answering. If that happened after the message was sent,
+  the server may have accepted it, so a retry can deliver it twice; the Message-ID that
+  `render` derives from `message_id_key` lets the receiving side recognise the duplicate.
+
+No exception text contains the message body, so it is safe to log and to store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import smtplib
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+EMAIL_TYPES = ("order_confirmation", "insufficient_funds", "daily_report", "batch_completed")
+
+#: The right-hand side of every Message-ID this service generates.
+MESSAGE_ID_DOMAIN = "jobs-service"
+
+
+class MailError(Exception):
+    """An email could not be rendered or sent; `code` is the SMTP reply code, if any."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientMailError(MailError):
+    """The server or network failed in a way a later attempt may not (4xx, lost connection)."""
+
+
+class MailTimeout(MailError):
+    """The server stopped answering in time; it may or may not have accepted the message."""
+
+
+class PermanentMailError(MailError):
+    """The server refused the message for good (5xx): sending it again cannot help."""
+
+
+class UnknownEmailType(MailError):
+    """The email type is not one of EMAIL_TYPES."""
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+_SIGNATURE = "\n-- \nThe jobs-service team\n"
+
+
+def _order_confirmation(ctx: Mapping[str, Any]) -> tuple[str, str]:
+    order_id = ctx["order_id"]
+    total = _money(ctx, "total")
+    subject = f"Your order #{order_id} is confirmed"
+    body = (
+        "Hello,\n\n"
+        f"Thank you for your order #{order_id}. We have received it and are preparing it.\n\n"
+        f"Order total: {total}\n\n"
+        "We will write again when it ships.\n"
+    )
+    return subject, body
+
+
+def _insufficient_funds(ctx: Mapping[str, Any]) -> tuple[str, str]:
+    payment_id = ctx["payment_id"]
+    amount = _money(ctx, "amount")
+    subject = f"Payment #{payment_id} declined: insufficient funds"
+    body = (
+        "Hello,\n\n"
+        f"We could not complete payment #{payment_id} of {amount}: the account has "
+        "insufficient funds.\n\n"
+        "Please add funds or choose another payment method, then try again.\n"
+    )
+    return subject, body
+
+
+def _daily_report(ctx: Mapping[str, Any]) -> tuple[str, str]:
+    date = ctx["date"]
+    # A date or datetime prints as ISO 8601 either way; a string is taken as it is.
+    day = date.isoformat() if isinstance(date, dt.date) else str(date)
+    subject = f"Daily report for {day}"
+    body = (
+        f"Daily report for {day}\n\n"
+        f"Orders:     {ctx['orders']}\n"
+        f"Revenue:    {_money(ctx, 'revenue')}\n"
+        f"New users:  {ctx['new_users']}\n"
+    )
+    return subject, body
+
+
+def _batch_completed(ctx: Mapping[str, Any]) -> tuple[str, str]:
+    batch_id, items = ctx["batch_id"], ctx["items"]
+    subject = f"Batch #{batch_id} completed"
+    body = f"Batch #{batch_id} has finished all {items} of its items.\n"
+    return subject, body
+
+
+#: Each type's builder and the context keys it reads (checked before building).
+_TEMPLATES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], tuple[str, str]]]] = {
+    "order_confirmation": (("order_id", "total"), _order_confirmation),
+    "insufficient_funds": (("payment_id", "amount"), _insufficient_funds),
+    "daily_report": (("date", "orders", "revenue", "new_users"), _daily_report),
+    "batch_completed": (("batch_id", "items"), _batch_completed),
+}
+
+
+def _money(ctx: Mapping[str, Any], key: str) -> str:
+    """Format an amount with two decimals; arguments arrive as JSON, so strings are accepted."""
+    value = ctx[key]
+    # bool is an int to Python, but True is no amount; float goes through str() so that 0.1
+    # is 0.10 and not 0.1000000000000000055511151231257827.
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        raise MailError(f"context key {key!r} must be an amount, got {type(value).__name__}")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise MailError(f"context key {key!r} must be an amount, got {value!r}") from None
+    if not amount.is_finite():
+        raise MailError(f"context key {key!r} must be a finite amount, got {value!r}")
+    return f"{amount.quantize(Decimal('0.01')):,}"
+
+
+def message_id(key: str) -> str:
+    """The Message-ID for `key`: the same key always gives the same id."""
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+    return f"<{digest}@{MESSAGE_ID_DOMAIN}>"
+
+
+def render(
+    email_type: str,
+    *,
+    to: str,
+    sender: str,
+    context: Mapping[str, Any],
+    message_id_key: str,
+) -> EmailMessage:
+    """Build the email of `email_type` to `to` (one address, or several comma-separated)."""
+    template = _TEMPLATES.get(email_type)
+    if template is None:
+        raise UnknownEmailType(
+            f"unknown email type {email_type!r}; expected one of {', '.join(EMAIL_TYPES)}"
+        )
+    required, build = template
+    missing = [key for key in required if context.get(key) is None]
+    if missing:
+        raise MailError(f"{email_type} email is missing context: {', '.join(missing)}")
+    if not message_id_key:
+        raise MailError("message_id_key must not be empty: it makes the Message-ID stable")
+    subject, body = build(context)
+
+    message = EmailMessage()
+    for name, value in (("From", sender), ("To", to), ("Subject", subject)):
+        try:
+            message[name] = value
+        except ValueError as exc:  # a CR or LF, which would let a value forge more headers
+            raise MailError(f"invalid {name} header for {email_type} email: {exc}") from None
+    for name in ("From", "To"):
+        _check_addresses(message, name, email_type)
+    message["Date"] = format_datetime(dt.datetime.now(dt.UTC))
+    message["Message-ID"] = message_id(message_id_key)
+    message.set_content(body + _SIGNATURE)
+    return message
+
+
+def _check_addresses(message: EmailMessage, name: str, email_type: str) -> None:
+    # The email package records a malformed address as a defect rather than raising; the SMTP
+    # server would refuse it later with a less helpful error, so refuse it here.
+    header = message[name]
+    addresses = getattr(header, "addresses", ())
+    if not addresses or header.defects or any("@" not in a.addr_spec for a in addresses):
+        raise MailError(f"invalid {name} address for {email_type} email: {str(header)!r}")
+
+
+# --- sending -----------------------------------------------------------------------------------
+
+
+def send(message: EmailMessage, *, host: str, port: int, timeout: float = 10.0) -> None:
+    """Deliver `message` to its To/Cc/Bcc addresses through the SMTP server at host:port."""
+    where = f"SMTP server {host}:{port}"
+    stage = "connecting"
+    client: smtplib.SMTP | None = None
+    delivered = False
+    try:
+        client = smtplib.SMTP(host, port, timeout=timeout)
+        # STARTTLS and login() would go here, before the message; the loopback dev server
+        # needs neither.
+        stage = "sending the message"
+        refused = client.send_message(message)
+        if refused:
+            # Some recipients took it and some did not: report the refusals, or they go unseen.
+            raise _refused_error(where, refused)
+        delivered = True
+    except (smtplib.SMTPException, OSError) as exc:  # every smtplib error is an OSError too
+        raise _mail_error(exc, where, stage, timeout) from exc
+    finally:
+        if client is not None:
+            _close(client, polite=delivered)
+
+
+def _mail_error(exc: OSError, where: str, stage: str, timeout: float) -> MailError:
+    """Map an smtplib or socket error to the MailError a caller decides retries on."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return _refused_error(where, exc.recipients)
+    if isinstance(exc, smtplib.SMTPResponseException):  # greeting, HELO, MAIL, DATA refused
+        return _reply_error(where, stage, exc.smtp_code, exc.smtp_error)
+    # smtplib turns a timeout while reading a reply into SMTPServerDisconnected raised from
+    # within the handler of the TimeoutError, so the timeout is only visible as its context.
+    if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+        detail = f"{where} did not answer within {timeout:g} s while {stage}"
+        if stage != "connecting":
+            detail += "; it may have accepted the message"
+        return MailTimeout(detail)
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return TransientMailError(f"{where} closed the connection while {stage}")
+    if isinstance(exc, smtplib.SMTPException):  # e.g. SMTPUTF8 needed but not offered
+        return PermanentMailError(f"{where} cannot take the message: {exc}")
+    # Refused, reset, unreachable, unknown host: network trouble, worth another attempt.
+    return TransientMailError(f"{where} connection failed while {stage}: {_describe(exc)}")
+
+
+def _close(client: smtplib.SMTP, *, polite: bool) -> None:
+    """End the session; a failed QUIT after a delivered message is no failure to send."""
+    if polite:
+        try:
+            client.quit()
+            return
+        except (smtplib.SMTPException, OSError):
+            pass
+    # After an error the session's state is unknown (a late reply may still be on its way), so
+    # do not wait for one to QUIT: just close the socket.
+    client.close()
+
+
+def _reply_error(where: str, stage: str, code: int, reply: bytes | str) -> MailError:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    detail = f"{where} replied {code} {text.strip()} while {stage}"
+    if 500 <= code <= 599:
+        return PermanentMailError(detail, code=code)
+    # 4xx is transient by definition; smtplib reports a garbled reply as -1, also worth a retry.
+    return TransientMailError(detail, code=code if code > 0 else None)
+
+
+def _refused_error(where: str, refused: Mapping[str, tuple[int, bytes]]) -> MailError:
+    if not refused:
+        return PermanentMailError(f"{where} was given no recipients")
+    parts = [
+        f"{address} ({code} {reply.decode('utf-8', 'replace').strip()})"
+        for address, (code, reply) in refused.items()
+    ]
+    detail = f"{where} refused recipient(s): {', '.join(parts)}"
+    permanent = [code for code, _ in refused.values() if 500 <= code <= 599]
+    if permanent:
+        return PermanentMailError(detail, code=permanent[0])
+    first = next(iter(refused.values()))[0]
+    return TransientMailError(detail, code=first if first > 0 else None)
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
