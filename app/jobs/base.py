@@ -81,9 +81,19 @@ class Prepared:
 
     @property
     def queue(self) -> str | None:
-        """The queue it goes to: the caller's choice, else the job's `queue_as`."""
+        """The queue it goes to, once `route` has run (or the caller chose one)."""
         queue = self.options.get("queue")
         return str(getattr(queue, "name", queue)) if queue else None
+
+    def route(self) -> None:
+        """Choose the queue from `queue_as` unless the caller (or a retry) already did.
+
+        Runs when the message is delivered, after the enclosing transaction committed, so a
+        chooser that reads the database sees what the caller just wrote (as in Rails, where
+        the deferred enqueue evaluates `queue_as` then).
+        """
+        if not any(self.options.get(k) for k in ("queue", "routing_key", "exchange")):
+            self.options["queue"] = self.job.queue_for(self.args, self.kwargs)
 
 
 #: Where jobs go instead of the broker while a test captures them (app.jobs.testing).
@@ -137,8 +147,6 @@ class Job(Task):  # type: ignore[misc]
         headers = dict(options.pop("headers", None) or {})
         headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
         options["headers"] = headers
-        if not (options.get("queue") or options.get("routing_key") or options.get("exchange")):
-            options["queue"] = self.queue_for(args, kwargs)  # queue_as, at enqueue time
         arguments = redacted_arguments(self.run, args, kwargs, self.sensitive_names)
         options.setdefault("argsrepr", repr(arguments))  # argsrepr reaches logs and Flower
         options.setdefault("kwargsrepr", "{}")
@@ -341,6 +349,8 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
 
 def _deliver(prepared: Sequence[Prepared], producer: Any = None) -> None:
     """Publish, or hand to the test capture; many messages share one pipelined round trip."""
+    for item in prepared:
+        item.route()
     if capture is not None:
         capture.extend(prepared)
     elif len(prepared) == 1:

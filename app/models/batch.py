@@ -31,6 +31,9 @@ class Batch(Base):
     total_count: Mapped[int] = mapped_column(default=0, server_default="0")
     processed_count: Mapped[int] = mapped_column(default=0, server_default="0")
     status: Mapped[str] = mapped_column(default="pending", server_default="pending")
+    # Fan-out progress: the last item id whose range was enqueued, and when all were.
+    fanout_cursor: Mapped[int] = mapped_column(default=0, server_default="0")
+    fanned_out_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = created_at()
     completed_at: Mapped[dt.datetime | None]
 

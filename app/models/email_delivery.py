@@ -22,7 +22,9 @@ class EmailDelivery(Base):
     )
 
     id: Mapped[int] = primary_key()
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    # A user's email, or (user_id NULL) one to configured addresses, such as the daily report.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    recipient: Mapped[str] = mapped_column(Text)  # the address(es) it goes to, comma-separated
     email_type: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[str] = mapped_column(default="pending", server_default="pending")

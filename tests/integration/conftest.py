@@ -8,21 +8,29 @@ starts from empty tables and empty queues.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
 from celery.contrib.testing.worker import start_worker
+from celery.utils import uuid
 from celery.worker import WorkController
+from celery.worker import state as worker_state
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app import celery, embedded
 from app.db import dispose_engine, get_engine
+from app.devservers.gateway import GatewaySimulator
+from app.devservers.smtp import SmtpServer
 from app.models import Base
 from app.settings import Endpoints, get_endpoints, get_settings, load_settings
 
@@ -36,6 +44,8 @@ class Services:
     database_url: str  # the tests' own database
     server_url: str  # the server's maintenance database, for making more databases
     broker_url: str
+    smtp: SmtpServer  # a real SMTP server on loopback, where every email goes
+    gateway: GatewaySimulator  # the payment-gateway simulator, over real HTTP
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -97,14 +107,25 @@ def start_services() -> tuple[Services, Callable[[], None]]:
     test_url = recreate_database(database_url, test_db)
     command.upgrade(alembic_config(test_url), "head")
 
-    saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "BROKER_URL")}
-    os.environ["DATABASE_URL"] = test_url
-    os.environ["BROKER_URL"] = broker_url
+    smtp, gateway = SmtpServer(), GatewaySimulator()
+    smtp.start()
+    gateway.start()
+    pointed = {
+        "DATABASE_URL": test_url,
+        "BROKER_URL": broker_url,
+        "SMTP_HOST": smtp.host,
+        "SMTP_PORT": str(smtp.port),
+        "PAYMENT_GATEWAY_URL": gateway.url,
+    }
+    saved = {k: os.environ.get(k) for k in pointed}
+    os.environ.update(pointed)
     get_settings.cache_clear()
     get_endpoints.cache_clear()
     dispose_engine()
 
     def stop_services() -> None:
+        smtp.stop()
+        gateway.stop()
         dispose_engine()
         drop_database(server_url, test_db)
         for key, value in saved.items():
@@ -116,7 +137,7 @@ def start_services() -> tuple[Services, Callable[[], None]]:
             embedded.stop(settings.state_dir, started)
 
     server_url = database_url
-    return Services(test_url, server_url, broker_url), stop_services
+    return Services(test_url, server_url, broker_url, smtp, gateway), stop_services
 
 
 @pytest.fixture(scope="session")
@@ -155,9 +176,116 @@ def worker(services: Services) -> Iterator[WorkController]:
 
 @pytest.fixture(autouse=True)
 def clean_state(services: Services) -> Iterator[None]:
-    """Every test starts with empty tables and empty queues."""
+    """Every test starts with empty tables and queues, no mail and a fresh gateway."""
+    quiesce_worker()
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with get_engine().begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    celery.control.purge()
+    services.smtp.reset()
+    services.gateway.reset()
     yield
+
+
+def quiesce_worker(timeout: float = 60.0) -> None:
+    """Leave nothing of earlier tests to run: empty queues, an idle in-process worker.
+
+    Jobs an earlier test enqueued (a follow-up email, a retry scheduled for later) would
+    otherwise run during the next test, or hold locks its TRUNCATE waits on.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        purged = celery.control.purge()
+        active = list(worker_state.active_requests)
+        due = [r for r in worker_state.reserved_requests if not r.eta]
+        if not purged and not active and not due:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker still busy after {timeout} s: {active + due}")
+        time.sleep(0.05)
+    for request in list(worker_state.reserved_requests):  # retries waiting for their ETA
+        worker_state.revoked.add(request.id)
+
+
+@pytest.fixture
+def smtp(services: Services) -> SmtpServer:
+    """The SMTP server every email of this run goes to."""
+    return services.smtp
+
+
+@pytest.fixture
+def gateway(services: Services) -> GatewaySimulator:
+    """The payment-gateway simulator the payment job charges through."""
+    return services.gateway
+
+
+class FinishedJobs(logging.Handler):
+    """Collects the job layer's `job finished` records, from every worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self._lock_records = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == "finish":
+            with self._lock_records:
+                self.records.append(record)
+
+    def outcomes(self, task_id: str) -> list[str]:
+        """The outcomes of the executions of `task_id` so far, in order."""
+        with self._lock_records:
+            return [
+                str(getattr(r, "outcome", ""))
+                for r in self.records
+                if getattr(r, "task_id", None) == task_id
+            ]
+
+    def wait(self, task_id: str, executions: int, timeout: float = 60.0) -> list[str]:
+        """Wait until `task_id` finished `executions` times; return the outcomes."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.outcomes(task_id)) < executions:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{task_id} finished {len(found)} of {executions} times")
+            time.sleep(0.05)
+        return found
+
+
+@pytest.fixture
+def finished_jobs() -> Iterator[FinishedJobs]:
+    """What the job layer reports finishing while the test runs."""
+    handler = FinishedJobs()
+    logger = logging.getLogger("app.jobs")
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(previous)
+
+
+def deliver_twice(job: Any, *args: Any, **kwargs: Any) -> str:
+    """Publish the same message twice (one task id), as a broker redelivery would."""
+    task_id: str = uuid()
+    job.apply_async(args, kwargs, task_id=task_id)
+    job.apply_async(args, kwargs, task_id=task_id)
+    return task_id
+
+
+def run_at_once(call: Callable[[], Any], copies: int = 2) -> list[Any]:
+    """Run `copies` of `call` in threads released together; return results or exceptions."""
+    barrier = threading.Barrier(copies)
+    results: list[Any] = [None] * copies
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = call()
+        except Exception as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(copies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results

@@ -94,8 +94,18 @@ CASES: dict[str, tuple[Callable[[Session, User, Product, Order], None], str]] = 
     "an email is delivered once per key": (
         lambda s, u, p, o: s.add_all(
             [
-                EmailDelivery(user_id=u.id, email_type="order_confirmation", idempotency_key="e"),
-                EmailDelivery(user_id=u.id, email_type="order_confirmation", idempotency_key="e"),
+                EmailDelivery(
+                    user_id=u.id,
+                    email_type="order_confirmation",
+                    idempotency_key="e",
+                    recipient="a@b.c",
+                ),
+                EmailDelivery(
+                    user_id=u.id,
+                    email_type="order_confirmation",
+                    idempotency_key="e",
+                    recipient="a@b.c",
+                ),
             ]
         ),
         "uq_email_deliveries_idempotency_key",
