@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run migrate test unit lint embedded-start embedded-stop clean
+.PHONY: setup run serve migrate test unit lint embedded-start embedded-stop clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(BIN)/.installed: pyproject.toml
 ## setup: make the virtual environment and install the project with its dev tools
 setup: $(BIN)/.installed
 
-## run: migrate, then run the worker and beat from the Procfile (Ctrl-C stops everything)
+## run: the demo: every documented job on a real worker, with a summary (stops what it starts)
 run: setup
+	$(BIN)/python -m app.demo
+
+## serve: migrate, then run the worker and beat from the Procfile (Ctrl-C stops everything)
+serve: setup
 	$(BIN)/python -m app.embedded run -- sh -c 'alembic upgrade head && exec honcho -f Procfile start worker beat'
 
 ## migrate: bring the configured (or embedded) database to the newest schema
