@@ -61,26 +61,39 @@ def main() -> int:
     with ExitStack() as stack:
         if settings.database_url is None or settings.broker_url is None:
             say("starting the embedded PostgreSQL and Redis")
-            running = embedded.ensure_running(settings.state_dir,
-                                              postgres=settings.database_url is None,
-                                              redis=settings.broker_url is None)
+            running = embedded.ensure_running(
+                settings.state_dir,
+                postgres=settings.database_url is None,
+                redis=settings.broker_url is None,
+            )
             if running.started:
                 stack.callback(embedded.stop, settings.state_dir, running.started)
-            for name, value in (("DATABASE_URL", running.database_url),
-                                ("BROKER_URL", running.broker_url)):
+            for name, value in (
+                ("DATABASE_URL", running.database_url),
+                ("BROKER_URL", running.broker_url),
+            ):
                 if value:
                     os.environ[name] = value
         smtp = stack.enter_context(SmtpServer())
         gateway = stack.enter_context(GatewaySimulator())
-        os.environ.update({"SMTP_HOST": smtp.host, "SMTP_PORT": str(smtp.port),
-                           "PAYMENT_GATEWAY_URL": gateway.url})
+        os.environ.update(
+            {
+                "SMTP_HOST": smtp.host,
+                "SMTP_PORT": str(smtp.port),
+                "PAYMENT_GATEWAY_URL": gateway.url,
+            }
+        )
         get_settings.cache_clear()
         get_endpoints.cache_clear()
         say(f"SMTP server on {smtp.host}:{smtp.port}, payment gateway on {gateway.url}")
 
         say("migrating the database")
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], check=True,
-                       cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL,
+        )
         stack.enter_context(celery_worker(settings.state_dir))
 
         seeded = seed()
@@ -107,10 +120,24 @@ def celery_worker(state_dir: Path) -> Iterator[None]:
     say(f"starting `celery -A app worker` (log: {log_path})")
     with open(log_path, "w") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "app", "worker", "--queues",
-             "urgent,default,low", "--concurrency", "2", "--loglevel", "INFO",
-             "--hostname", f"demo-{uuid.uuid4().hex[:6]}@%h"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "app",
+                "worker",
+                "--queues",
+                "urgent,default,low",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"demo-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             yield
@@ -141,45 +168,62 @@ def seed() -> Seeded:
     seeded = Seeded(tag=uuid.uuid4().hex[:6])
     say(f"seeding sample data (run {seeded.tag})")
     with session_scope() as session:
-        users = {"alice": User(email=f"alice+{seeded.tag}@example.com", premium=True),
-                 "bob": User(email=f"bob+{seeded.tag}@example.com")}
+        users = {
+            "alice": User(email=f"alice+{seeded.tag}@example.com", premium=True),
+            "bob": User(email=f"bob+{seeded.tag}@example.com"),
+        }
         session.add_all(users.values())
-        products = [Product(sku=f"{name}-{seeded.tag}", name=name, inventory=stock,
-                            price=Decimal(price))
-                    for name, stock, price in (("anvil", 10, "49.00"), ("rope", 5, "7.50"),
-                                               ("lamp", 1, "19.90"))]
+        products = [
+            Product(sku=f"{name}-{seeded.tag}", name=name, inventory=stock, price=Decimal(price))
+            for name, stock, price in (
+                ("anvil", 10, "49.00"),
+                ("rope", 5, "7.50"),
+                ("lamp", 1, "19.90"),
+            )
+        ]
         session.add_all(products)
         session.flush()
         anvil, rope, lamp = products
         orders = {
-            "premium": Order(user_id=users["alice"].id, items=[
-                OrderItem(product_id=anvil.id, quantity=1, unit_price=anvil.price),
-                OrderItem(product_id=rope.id, quantity=2, unit_price=rope.price)]),
-            "regular": Order(user_id=users["bob"].id, items=[
-                OrderItem(product_id=rope.id, quantity=1, unit_price=rope.price)]),
-            "too many lamps": Order(user_id=users["bob"].id, items=[
-                OrderItem(product_id=lamp.id, quantity=3, unit_price=lamp.price)]),
+            "premium": Order(
+                user_id=users["alice"].id,
+                items=[
+                    OrderItem(product_id=anvil.id, quantity=1, unit_price=anvil.price),
+                    OrderItem(product_id=rope.id, quantity=2, unit_price=rope.price),
+                ],
+            ),
+            "regular": Order(
+                user_id=users["bob"].id,
+                items=[OrderItem(product_id=rope.id, quantity=1, unit_price=rope.price)],
+            ),
+            "too many lamps": Order(
+                user_id=users["bob"].id,
+                items=[OrderItem(product_id=lamp.id, quantity=3, unit_price=lamp.price)],
+            ),
         }
         session.add_all(orders.values())
         session.flush()
         payments = {
-            token: Payment(order_id=orders["premium"].id, amount=Decimal("64.00"),
-                           card_token=token)
+            token: Payment(order_id=orders["premium"].id, amount=Decimal("64.00"), card_token=token)
             for token in ("tok_ok", "tok_insufficient_funds", "tok_expired")
         }
         session.add_all(payments.values())
         batch, dataset = Batch(), Dataset(name=f"demo-{seeded.tag}")
         session.add_all([batch, dataset])
         session.flush()
-        session.execute(insert(BatchItem), [{"batch_id": batch.id, "payload": {"value": i}}
-                                            for i in range(BATCH_ITEMS)])
-        session.execute(insert(Record), [{"dataset_id": dataset.id, "payload": {"n": i}}
-                                         for i in range(DATASET_RECORDS)])
+        session.execute(
+            insert(BatchItem),
+            [{"batch_id": batch.id, "payload": {"value": i}} for i in range(BATCH_ITEMS)],
+        )
+        session.execute(
+            insert(Record),
+            [{"dataset_id": dataset.id, "payload": {"n": i}} for i in range(DATASET_RECORDS)],
+        )
         csv_path = Path(tempfile.gettempdir()) / f"jobs-demo-{seeded.tag}.csv"
         csv_path.write_text(
             "sku,name,price,inventory\n"
             f"crate-{seeded.tag},Crate,12.00,40\n"
-            f"anvil-{seeded.tag},Anvil (imported),52.00,12\n"
+            f"bench-{seeded.tag},Bench,52.00,12\n"
             f",No sku,1.00,1\n"
             f"drum-{seeded.tag},Drum,not-a-price,3\n"
         )
@@ -233,18 +277,30 @@ def all_done(seeded: Seeded) -> bool:
     from app.models import Batch, Dataset, Import, Order, Payment, Report
 
     with session_scope() as session:
-        open_orders = session.scalar(select(func.count()).select_from(Order).where(
-            Order.id.in_(seeded.orders.values()), Order.status == "pending"))
-        open_payments = session.scalar(select(func.count()).select_from(Payment).where(
-            Payment.id.in_(seeded.payments.values()), Payment.status == "pending"))
+        open_orders = session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(Order.id.in_(seeded.orders.values()), Order.status == "pending")
+        )
+        open_payments = session.scalar(
+            select(func.count())
+            .select_from(Payment)
+            .where(Payment.id.in_(seeded.payments.values()), Payment.status == "pending")
+        )
         batch = session.get(Batch, seeded.batch)
         dataset = session.get(Dataset, seeded.dataset)
         record = session.get(Import, seeded.import_id)
         reports = session.scalar(select(func.count()).select_from(Report))
         return bool(
-            open_orders == 0 and open_payments == 0 and batch and batch.status == "completed"
-            and dataset and dataset.status == "completed" and record
-            and record.status in ("completed", "failed") and reports
+            open_orders == 0
+            and open_payments == 0
+            and batch
+            and batch.status == "completed"
+            and dataset
+            and dataset.status == "completed"
+            and record
+            and record.status in ("completed", "failed")
+            and reports
         )
 
 
@@ -273,35 +329,55 @@ def print_summary(seeded: Seeded, smtp: SmtpServer, gateway: GatewaySimulator) -
         print("\n=== what happened ===")
         for name, order in zip(seeded.orders, orders, strict=True):
             assert order is not None
-            detail = f"total {order.total}" if order.status == "processed" else (
-                order.failure_reason or "")
+            detail = (
+                f"total {order.total}"
+                if order.status == "processed"
+                else (order.failure_reason or "")
+            )
             print(f"order {order.id:>4} [{name}]: {order.status} {detail}")
         if anvil is not None:
-            print(f"anvil stock: 10, minus 1 ordered, plus a restock of 25 sent twice: "
-                  f"{anvil.inventory}")
+            print(
+                f"anvil stock: 10, minus 1 ordered, plus a restock of 25 sent twice: "
+                f"{anvil.inventory}"
+            )
         by_status: dict[str, int] = {}
         for payment in payments:
             assert payment is not None
             by_status[payment.status] = by_status.get(payment.status, 0) + 1
-        print("payments: " + ", ".join(f"{k} {v}" for k, v in sorted(by_status.items()))
-              + f"; gateway charges made: {len(gateway.charges)}")
-        print(f"emails delivered: {len(smtp.messages)} "
-              + "(" + ", ".join(str(m.message["Subject"]) for m in smtp.messages) + ")")
+        print(
+            "payments: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(by_status.items()))
+            + f"; gateway charges made: {len(gateway.charges)}"
+        )
+        print(
+            f"emails delivered: {len(smtp.messages)} "
+            + "("
+            + ", ".join(str(m.message["Subject"]) for m in smtp.messages)
+            + ")"
+        )
         if batch is not None:
-            print(f"batch {batch.id}: {batch.processed_count}/{batch.total_count} items, "
-                  f"{batch.status}")
+            print(
+                f"batch {batch.id}: {batch.processed_count}/{batch.total_count} items, "
+                f"{batch.status}"
+            )
         if dataset is not None:
-            print(f"dataset {dataset.id}: {dataset.processed_count} records in keyset batches, "
-                  f"{dataset.status}")
+            print(
+                f"dataset {dataset.id}: {dataset.processed_count} records in keyset batches, "
+                f"{dataset.status}"
+            )
         if record is not None:
             lines = ", ".join(str(e.get("line")) for e in record.errors)
-            print(f"import {record.id}: {record.status}; {record.rows_seen} rows, "
-                  f"{record.rows_imported} imported, {record.rows_rejected} rejected "
-                  f"(lines {lines})")
+            print(
+                f"import {record.id}: {record.status}; {record.rows_seen} rows, "
+                f"{record.rows_imported} imported, {record.rows_rejected} rejected "
+                f"(lines {lines})"
+            )
         if report is not None:
             data = report.data
-            print(f"daily report {data['date']}: {data['orders']} orders, revenue "
-                  f"{data['revenue']}, {data['new_users']} new users")
+            print(
+                f"daily report {data['date']} (one per date): {data['orders']} orders, revenue "
+                f"{data['revenue']}, {data['new_users']} new users"
+            )
         print()
 
 
