@@ -10,7 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, created_at, one_of, primary_key
 
-IMPORT_STATUSES = ("pending", "running", "completed", "failed")
+IMPORT_STATUSES = ("pending", "processing", "completed", "failed")
 
 
 class Import(Base):

@@ -68,7 +68,7 @@ def run_import(session: Session, import_id: int) -> ImportOutcome:
         raise ImportNotFound(import_id)
     if record.status in ("completed", "failed"):
         return _outcome(record, changed=False)
-    record.status = "running"
+    record.status = "processing"
     try:
         path = _local_path(record.source)
         with path.open(newline="", encoding="utf-8") as handle:

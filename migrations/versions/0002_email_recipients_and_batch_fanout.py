@@ -3,6 +3,7 @@
 Emails such as the daily report go to configured addresses rather than to a user, so
 `email_deliveries.user_id` becomes optional and `recipient` records where each email went.
 Batches record how far their fan-out got, so a re-run resumes instead of enqueueing again.
+An import in progress is `processing` (was `running`), the word the other statuses use.
 
 Revision ID: 0002
 Revises: 0001
@@ -34,12 +35,24 @@ def upgrade() -> None:
         "batches", sa.Column("fanout_cursor", sa.BigInteger(), server_default="0", nullable=False)
     )
     op.add_column("batches", sa.Column("fanned_out_at", sa.DateTime(timezone=True)))
+    _import_statuses("running", "processing")
 
 
 def downgrade() -> None:
+    _import_statuses("processing", "running")
     op.drop_column("batches", "fanned_out_at")
     op.drop_column("batches", "fanout_cursor")
     # Deliveries to configured addresses cannot exist in the older schema.
     op.execute("DELETE FROM email_deliveries WHERE user_id IS NULL")
     op.alter_column("email_deliveries", "user_id", existing_type=sa.BIGINT(), nullable=False)
     op.drop_column("email_deliveries", "recipient")
+
+
+def _import_statuses(old: str, new: str) -> None:
+    op.drop_constraint(op.f("ck_imports_status_known"), "imports", type_="check")
+    op.execute(f"UPDATE imports SET status = '{new}' WHERE status = '{old}'")
+    op.create_check_constraint(
+        op.f("ck_imports_status_known"),
+        "imports",
+        f"status IN ('pending', '{new}', 'completed', 'failed')",
+    )
