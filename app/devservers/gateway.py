@@ -21,15 +21,16 @@ import argparse
 import json
 import logging
 import secrets
-import signal
 import sys
 import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, cast
+
+from app.devservers import serve_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -448,31 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
     simulator = GatewaySimulator(args.host, args.port)
-    try:
-        simulator.start()
-    except OSError as exc:
-        print(
-            f"gateway simulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
-        )
-        return 1
-    logger.info("payment gateway simulator listening on %s", simulator.url)
-    try:
-        # wait() with a timeout in a loop so the main thread keeps handling signals promptly.
-        while not done.wait(0.5):
-            pass
-    finally:
-        simulator.stop()
-    logger.info("payment gateway simulator stopped")
-    return 0
+    return serve_until_stopped(simulator, "gateway simulator", f"{args.host}:{args.port}")
 
 
 if __name__ == "__main__":

@@ -14,18 +14,19 @@ import asyncio
 import email
 import email.policy
 import logging
-import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import NoReturn, Self
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from app.devservers import serve_until_stopped
 
 # Named explicitly: under `python -m` __name__ would be "__main__".
 log = logging.getLogger("app.devservers.smtp")
@@ -297,28 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, on_signal)
     # The demo may run for days: keep only the latest messages in memory.
     server = SmtpServer(args.host, args.port, max_messages=1000)
-    try:
-        server.start()
-        log.info("listening on %s:%d", server.host, server.port)
-        # A timed wait, so the main thread regularly returns to run the signal handler.
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("stopped")
-    return 0
+    return serve_until_stopped(server, "smtp server", f"{args.host}:{args.port}")
 
 
 if __name__ == "__main__":
