@@ -6,9 +6,10 @@ one stops the process with one line naming the variable.
 
 from __future__ import annotations
 
+from celery.schedules import crontab
 from kombu.entity import Queue
 
-from app.settings import ConfigError, get_endpoints, get_settings
+from app.settings import QUEUES, ConfigError, get_endpoints, get_settings, redis_client_url
 
 try:
     _settings = get_settings()
@@ -37,25 +38,46 @@ enable_utc = True
 
 # Queues ------------------------------------------------------------------------------------
 
-QUEUE_NAMES = ("urgent", "default", "low")
-task_queues = [Queue(name, routing_key=name) for name in QUEUE_NAMES]
+task_queues = [Queue(name, routing_key=name) for name in QUEUES]
 task_default_queue = "default"  # not Celery's `celery`
 task_default_routing_key = "default"
 task_create_missing_queues = False
 # A job's `queue_as` (a name, or a choice from its arguments) decides, unless the caller does.
 task_routes = ("app.jobs.base.route_by_queue_as",)
 
+# Sidekiq's weighted order (urgent 6, default 3, low 1 unless QUEUE_WEIGHTS says otherwise):
+# before every BRPOP the Redis transport asks app.queue_order.WeightedCycle for the order to
+# check the queues in, a weighted random draw, so urgent is usually first and low is never
+# starved. QUEUE_ORDER=strict always checks urgent, then default, then low (low waits while
+# urgent has work); QUEUE_ORDER=round_robin is kombu's default.
+# RabbitMQ has no such option: a worker consumes its queues on one channel and the broker
+# hands over whatever is ready on any of them, so the order follows arrival (about round
+# robin between busy queues); weights there need a worker per queue (or message priorities).
+queue_weights = dict(_settings.queue_weights)
+_QUEUE_ORDER_STRATEGIES = {
+    "weighted": "app.queue_order:WeightedCycle",
+    "strict": "priority",
+    "round_robin": "round_robin",
+}
+
 # Delivery ----------------------------------------------------------------------------------
 
 # At-least-once: a message is acknowledged only after its job has finished, and a job whose
 # worker process died is given back to the broker. Jobs are idempotent, so a redelivery is
-# harmless. One message prefetched per process, so a busy worker hoards nothing.
+# harmless.
 task_acks_late = True
 task_reject_on_worker_lost = True
+# One message prefetched per worker process: a worker holds at most `concurrency` messages
+# it is not yet running, so it cannot hoard low jobs while urgent ones arrive behind them,
+# and every free process draws the weighted order afresh. Prefetched messages are not yet
+# acknowledged, so they go back to the queue if the worker stops or dies.
 worker_prefetch_multiplier = 1
-# Redis redelivers an unacknowledged message after this many seconds; it must exceed the
-# longest countdown/ETA any job or retry policy uses and the longest job's run time.
-broker_transport_options = {"visibility_timeout": 6 * 3600}
+broker_transport_options = {
+    # Redis redelivers an unacknowledged message after this many seconds; it must exceed the
+    # longest countdown/ETA any job or retry policy uses and the longest job's run time.
+    "visibility_timeout": 6 * 3600,
+    "queue_order_strategy": _QUEUE_ORDER_STRATEGIES[_settings.queue_order],
+}
 result_backend_transport_options = {"visibility_timeout": 6 * 3600}
 
 # Modules -----------------------------------------------------------------------------------
@@ -66,4 +88,25 @@ worker_send_task_events = True
 
 # Recurring jobs (Celery beat) --------------------------------------------------------------
 
-beat_schedule: dict[str, dict[str, object]] = {}
+beat_schedule: dict[str, dict[str, object]] = {
+    # Yesterday's report, five minutes after midnight in APP_TIMEZONE (`timezone` above).
+    "daily-report": {"task": "jobs.daily_report", "schedule": crontab(minute=5, hour=0)},
+    # Queue depths and the oldest job's age per queue, as StatsD gauges.
+    "queue-depths": {
+        "task": "jobs.record_queue_depths",
+        "schedule": _settings.queue_depth_interval,
+    },
+}
+# One scheduler fires each tick even if two beats run: RedBeat keeps the schedule and the
+# last-run times in Redis and only the holder of a Redis lock sends; a second beat waits for
+# the lock. A beat that dies loses the lock within redbeat_lock_timeout; a restarted beat
+# resumes from the stored last-run times, so it repeats no tick (one that fell due while no
+# beat ran is sent once, late). Without Redis (a RabbitMQ broker and no BEAT_REDIS_URL) beat
+# falls back to Celery's file scheduler and this guarantee does not hold.
+_beat_redis = _settings.beat_redis_url or redis_client_url(_endpoints.broker_url)
+if _beat_redis is not None:
+    beat_scheduler = "redbeat.RedBeatScheduler"
+    redbeat_redis_url = _beat_redis
+    redbeat_key_prefix = "jobs_service:redbeat:"
+    redbeat_lock_timeout = 30
+beat_max_interval = 5

@@ -26,6 +26,10 @@ DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / ".state"
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
 
 LOG_FORMATS = ("text", "json")
+#: The queues every worker consumes, most urgent first, and their default weights.
+QUEUES = ("urgent", "default", "low")
+DEFAULT_QUEUE_WEIGHTS = {"urgent": 6, "default": 3, "low": 1}
+QUEUE_ORDERS = ("weighted", "strict", "round_robin")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>://[^:/@\s]*:)[^@\s]*@")
@@ -66,6 +70,10 @@ class Settings:
     mail_from: str
     report_recipients: tuple[str, ...]
     payment_gateway_url: str
+    queue_order: str
+    queue_weights: dict[str, int]
+    queue_depth_interval: float
+    beat_redis_url: str | None
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -197,6 +205,49 @@ def _http_url(name: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _queue_weights(raw: str) -> dict[str, int]:
+    expected = "weights for urgent, default and low, such as urgent=6,default=3,low=1"
+    weights: dict[str, int] = {}
+    for part in raw.split(","):
+        name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in QUEUES or not value.isdigit() or int(value) < 1 or name in weights:
+            raise ConfigError("QUEUE_WEIGHTS", expected + " (each a whole number >= 1)", raw)
+        weights[name] = int(value)
+    if set(weights) != set(QUEUES):
+        raise ConfigError("QUEUE_WEIGHTS", expected, raw)
+    return weights
+
+
+def _seconds(name: str, raw: str, default: float) -> float:
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise ConfigError(name, "a number of seconds between 0 and 86400", raw)
+    return value
+
+
+def _redis_url(name: str, raw: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(name, "a redis://, rediss:// or unix:// URL", redact_url(raw))
+    return raw
+
+
+def redis_client_url(broker_url: str) -> str | None:
+    """The redis-py URL of a Redis broker URL (kombu's redis+socket:// is redis-py's unix://)."""
+    parts = urlsplit(broker_url)
+    if parts.scheme in ("redis", "rediss"):
+        return broker_url
+    if parts.scheme == "redis+socket":
+        query = parts.query.replace("virtual_host=", "db=")
+        return f"unix://{parts.path}" + (f"?{query}" if query else "")
+    return None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check the configuration from `env` (the process environment by default)."""
     env = os.environ if env is None else env
@@ -226,6 +277,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "PAYMENT_GATEWAY_URL",
             env.get("PAYMENT_GATEWAY_URL", "").strip() or "http://127.0.0.1:8090",
         ),
+        queue_order=_choice(env, "QUEUE_ORDER", QUEUE_ORDERS, "weighted"),
+        queue_weights=_queue_weights(env.get("QUEUE_WEIGHTS", "").strip())
+        if env.get("QUEUE_WEIGHTS", "").strip()
+        else dict(DEFAULT_QUEUE_WEIGHTS),
+        queue_depth_interval=_seconds(
+            "QUEUE_DEPTH_INTERVAL", env.get("QUEUE_DEPTH_INTERVAL", "").strip(), 10.0
+        ),
+        beat_redis_url=_redis_url("BEAT_REDIS_URL", env.get("BEAT_REDIS_URL", "").strip())
+        if env.get("BEAT_REDIS_URL", "").strip()
+        else None,
     )
 
 

@@ -9,6 +9,7 @@ from app.jobs.import_data import import_data
 from app.jobs.large_data_process import large_data_process
 from app.jobs.process_order import process_order
 from app.jobs.process_payment import process_payment
+from app.jobs.record_queue_depths import record_queue_depths
 from app.jobs.send_email import send_email
 from app.jobs.update_inventory import update_inventory
 
@@ -21,6 +22,7 @@ __all__ = [
     "process_item",
     "process_order",
     "process_payment",
+    "record_queue_depths",
     "send_email",
     "update_inventory",
 ]

@@ -35,15 +35,14 @@ from app.jobs.arguments import SENSITIVE_NAMES, bind_arguments, redacted_argumen
 from app.jobs.errors import DeserializationError, JobDeclarationError
 from app.jobs.instrumentation import AroundPerform, Execution
 from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, find_policy
+from app.queues import ENQUEUED_AT_HEADER
+from app.settings import QUEUES
 
 logger = logging.getLogger("app.jobs")
 
-#: The queues a job may name, most urgent first.
-QUEUES = ("urgent", "default", "low")
 DEFAULT_QUEUE = "default"
 #: Message headers the job layer reads and writes.
 EXECUTIONS_HEADER = "job_executions"
-ENQUEUED_AT_HEADER = "job_enqueued_at"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
 CARRIED_HEADERS = (EXECUTIONS_HEADER,)
 #: Messages buffered before one round trip to the broker in `perform_all_later`.

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from subprocess import STDOUT, Popen, TimeoutExpired
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -32,7 +37,13 @@ from app.db import dispose_engine, get_engine
 from app.devservers.gateway import GatewaySimulator
 from app.devservers.smtp import SmtpServer
 from app.models import Base
-from app.settings import Endpoints, get_endpoints, get_settings, load_settings
+from app.settings import (
+    Endpoints,
+    get_endpoints,
+    get_settings,
+    load_settings,
+    redis_client_url,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -289,3 +300,48 @@ def run_at_once(call: Callable[[], Any], copies: int = 2) -> list[Any]:
     for thread in threads:
         thread.join(timeout=120)
     return results
+
+
+def isolated_broker(broker_url: str, db: int) -> str:
+    """The same Redis server, another database: queues no in-process worker consumes."""
+    parts = urlsplit(broker_url)
+    in_use = parts.query.removeprefix("virtual_host=") or parts.path.strip("/") or "0"
+    if str(db) == in_use:
+        raise AssertionError(f"database {db} is the tests' own broker database; pick another")
+    if parts.scheme == "redis+socket":
+        return urlunsplit(parts._replace(query=f"virtual_host={db}"))
+    if parts.scheme in ("redis", "rediss"):
+        return urlunsplit(parts._replace(path=f"/{db}"))
+    raise pytest.skip.Exception(f"needs a Redis broker, not {parts.scheme}")
+
+
+def flush_broker(broker_url: str) -> None:
+    """Empty the Redis database of `broker_url` (an isolated one, see isolated_broker)."""
+    import redis
+
+    client_url = redis_client_url(broker_url)
+    assert client_url is not None
+    redis.Redis.from_url(client_url).flushdb()
+
+
+@contextmanager
+def celery_process(args: list[str], env: dict[str, str], log: Path) -> Iterator[Popen[bytes]]:
+    """`celery -A app ARGS` as a child process, logging to `log`; stopped with SIGTERM."""
+    with open(log, "ab") as out:
+        process = Popen(
+            [sys.executable, "-m", "celery", "-A", "app", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=STDOUT,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except TimeoutExpired:
+                    process.kill()
+                    process.wait()
