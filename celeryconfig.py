@@ -6,9 +6,12 @@ one stops the process with one line naming the variable.
 
 from __future__ import annotations
 
+import logging
+
 from celery.schedules import crontab
 from kombu.entity import Queue
 
+from app.jobs.policies import MAX_RETRY_WAIT
 from app.settings import QUEUES, ConfigError, get_endpoints, get_settings, redis_client_url
 
 try:
@@ -72,13 +75,31 @@ task_reject_on_worker_lost = True
 # and every free process draws the weighted order afresh. Prefetched messages are not yet
 # acknowledged, so they go back to the queue if the worker stops or dies.
 worker_prefetch_multiplier = 1
+# Redis redelivers a message not acknowledged within the visibility timeout (6 hours unless
+# BROKER_VISIBILITY_TIMEOUT says otherwise). It must exceed the longest countdown or ETA any
+# job or retry policy uses (MAX_RETRY_WAIT, 3 hours: a longer wait would be handed to a second
+# worker early, again and again) and the longest run time (the hard time limits below), and it
+# is also how long a job in flight on a worker that was killed outright waits to be redelivered.
 broker_transport_options = {
-    # Redis redelivers an unacknowledged message after this many seconds; it must exceed the
-    # longest countdown/ETA any job or retry policy uses and the longest job's run time.
-    "visibility_timeout": 6 * 3600,
+    "visibility_timeout": _settings.visibility_timeout,
     "queue_order_strategy": _QUEUE_ORDER_STRATEGIES[_settings.queue_order],
 }
-result_backend_transport_options = {"visibility_timeout": 6 * 3600}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+if _settings.visibility_timeout <= MAX_RETRY_WAIT:
+    logging.getLogger(__name__).warning(
+        "BROKER_VISIBILITY_TIMEOUT=%s is not above the longest retry wait (%s s): scheduled "
+        "retries may run twice (jobs are idempotent, but it costs work)",
+        _settings.visibility_timeout,
+        MAX_RETRY_WAIT,
+    )
+# Every job has a soft time limit (SoftTimeLimitExceeded is raised inside it, so its
+# transaction rolls back) and a hard one (its process is killed and replaced); both end in the
+# dead-letter store. A job that needs longer says so in its declaration (`@job(...,
+# soft_time_limit=..., time_limit=...)`).
+task_soft_time_limit = 300
+task_time_limit = 360
+# A warm shutdown (SIGTERM) stops fetching, lets running jobs finish (each is bounded by its
+# hard time limit) and returns what was prefetched but not started to the queue.
 
 # Modules -----------------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class Settings:
     queue_weights: dict[str, int]
     queue_depth_interval: float
     beat_redis_url: str | None
+    visibility_timeout: float
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -287,6 +288,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         beat_redis_url=_redis_url("BEAT_REDIS_URL", env.get("BEAT_REDIS_URL", "").strip())
         if env.get("BEAT_REDIS_URL", "").strip()
         else None,
+        visibility_timeout=_seconds(
+            "BROKER_VISIBILITY_TIMEOUT",
+            env.get("BROKER_VISIBILITY_TIMEOUT", "").strip(),
+            6 * 3600.0,
+        ),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +34,22 @@ SENSITIVE_NAMES = frozenset(
 )
 
 Check = Callable[[Any], str | None]
+
+#: The most a job's arguments may weigh as JSON. Jobs take ids and small values; megabytes
+#: of arguments are a producer's bug (or worse) and would sit in Redis and in every log line.
+MAX_ARGUMENT_BYTES = 256 * 1024
+
+
+def check_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise DeserializationError if the arguments weigh more than MAX_ARGUMENT_BYTES."""
+    try:
+        size = len(json.dumps([list(args), dict(kwargs)], default=str))
+    except (TypeError, ValueError) as exc:
+        raise DeserializationError(f"arguments are not JSON values: {exc}") from None
+    if size > MAX_ARGUMENT_BYTES:
+        raise DeserializationError(
+            f"arguments weigh {size} bytes as JSON, more than the {MAX_ARGUMENT_BYTES} allowed"
+        )
 
 
 def positive(value: Any) -> str | None:

@@ -13,6 +13,8 @@ and `send_task` by name all work. The job layer adds, on Celery's own extension 
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import re
 import time
@@ -24,18 +26,30 @@ from typing import Any, TypeVar
 
 from celery import Task
 from celery.canvas import Signature
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import (
+    Ignore,
+    Reject,
+    Retry,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+)
 from celery.result import AsyncResult
 from celery.utils import uuid
 
 from app.celery_app import celery_app
-from app.db import after_commit
+from app.db import after_commit, session_scope
 from app.jobs import instrumentation
-from app.jobs.arguments import SENSITIVE_NAMES, bind_arguments, redacted_arguments
+from app.jobs.arguments import (
+    SENSITIVE_NAMES,
+    bind_arguments,
+    check_size,
+    redacted_arguments,
+)
 from app.jobs.errors import DeserializationError, JobDeclarationError
 from app.jobs.instrumentation import AroundPerform, Execution
 from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, find_policy
 from app.queues import ENQUEUED_AT_HEADER
+from app.services import dead_letters
 from app.settings import QUEUES
 
 logger = logging.getLogger("app.jobs")
@@ -142,6 +156,7 @@ class Job(Task):  # type: ignore[misc]
         """Check the arguments and stamp the headers; nothing is published yet."""
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         if not options.get("retries"):
+            check_size(args, kwargs)
             bind_arguments(self.run, args, kwargs)  # a bad call fails here, at the caller
         headers = dict(options.pop("headers", None) or {})
         headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
@@ -200,6 +215,7 @@ class Job(Task):  # type: ignore[misc]
             with ExitStack() as hooks:
                 for hook in self.around_perform:
                     hooks.enter_context(hook(execution))
+                check_size(args, kwargs)
                 bind_arguments(self.run, args, kwargs)
                 result = super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject) as control:  # the body steered Celery itself
@@ -249,8 +265,44 @@ class Job(Task):  # type: ignore[misc]
                     return None
                 raise self.retry(exc=error, countdown=wait, headers=headers)
             self.exhausted(error, execution, policy, executions)
+            error.job_exhausted = True  # type: ignore[attr-defined]  # read by on_failure
         instrumentation.finished(execution, "failure", error)
         raise error
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Celery's hook for a job that failed for good: it goes to the dead-letter store.
+
+        Celery calls it in the worker process after the job raised, and in the parent process
+        when the job was killed at its hard time limit.
+        """
+        request = self.request
+        if request.is_eager:  # perform_now: the caller gets the exception
+            return
+        current = request.id == task_id  # False in the parent after a hard time limit
+        enqueued_at = _header(request, ENQUEUED_AT_HEADER) if current else None
+        if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
+            reason = "time_limit"
+        else:
+            reason = "exhausted" if getattr(exc, "job_exhausted", False) else "unhandled"
+        failure = dead_letters.Failure(
+            task_id=task_id,
+            job_name=self.name,
+            queue=_delivered_queue(request) if current else None,
+            args=list(args or ()),
+            kwargs=dict(kwargs or {}),
+            headers={EXECUTIONS_HEADER: _header(request, EXECUTIONS_HEADER) or {}}
+            if current
+            else {},
+            reason=reason,
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message=str(exc),
+            traceback=getattr(einfo, "traceback", None),
+            attempts=(request.retries or 0) + 1 if current else None,
+            enqueued_at=dt.datetime.fromtimestamp(enqueued_at, dt.UTC) if enqueued_at else None,
+        )
+        _store_dead_letter(self, failure)
 
     def exhausted(
         self, error: Exception, execution: Execution, policy: RetryOn, executions: int
@@ -272,6 +324,38 @@ class Job(Task):  # type: ignore[misc]
             execution.queue,
             extra={**execution.fields(), "event": "exhausted", "executions": executions},
         )
+
+
+def _store_dead_letter(job: Job, failure: dead_letters.Failure) -> None:
+    shown = redacted_arguments(job.run, failure.args, failure.kwargs, job.sensitive_names)
+    try:
+        with session_scope() as session:
+            entry_id = dead_letters.record(session, failure)
+    except Exception:
+        # The store is the database, which may be what failed: the log keeps the whole entry
+        # (arguments included, so it can be replayed) rather than let the job vanish.
+        logger.critical(
+            "job failed for good and could not be dead-lettered: %s",
+            json.dumps({**failure.__dict__, "enqueued_at": str(failure.enqueued_at)}, default=str),
+            exc_info=True,
+        )
+        return
+    logger.error(
+        "job dead-lettered %s[%s] as #%d (%s): %s: %s args=%s",
+        failure.job_name,
+        failure.task_id,
+        entry_id,
+        failure.reason,
+        failure.error_type,
+        failure.error_message,
+        shown,
+        extra={
+            "job": failure.job_name,
+            "task_id": failure.task_id,
+            "event": "dead_letter",
+            "dead_letter_id": entry_id,
+        },
+    )
 
 
 def _publish(prepared: Prepared, producer: Any = None, **extra: Any) -> AsyncResult:

@@ -4,6 +4,7 @@ from app.models.base import Base
 from app.models.batch import Batch, BatchItem
 from app.models.data_import import Import
 from app.models.dataset import Dataset, Record
+from app.models.dead_letter import DeadLetter
 from app.models.email_delivery import EmailDelivery
 from app.models.order import Order, OrderItem
 from app.models.payment import Payment
@@ -16,6 +17,7 @@ __all__ = [
     "Batch",
     "BatchItem",
     "Dataset",
+    "DeadLetter",
     "EmailDelivery",
     "Import",
     "InventoryAudit",

@@ -308,8 +308,8 @@ def isolated_broker(broker_url: str, db: int) -> str:
     in_use = parts.query.removeprefix("virtual_host=") or parts.path.strip("/") or "0"
     if str(db) == in_use:
         raise AssertionError(f"database {db} is the tests' own broker database; pick another")
-    if parts.scheme == "redis+socket":
-        return urlunsplit(parts._replace(query=f"virtual_host={db}"))
+    if parts.scheme == "redis+socket":  # (urlunsplit would drop the empty host's "//")
+        return f"{broker_url.split('?')[0]}?virtual_host={db}"
     if parts.scheme in ("redis", "rediss"):
         return urlunsplit(parts._replace(path=f"/{db}"))
     raise pytest.skip.Exception(f"needs a Redis broker, not {parts.scheme}")

@@ -20,7 +20,7 @@ def test_the_default_queue_is_default_and_the_three_queues_exist() -> None:
 
 def test_no_retry_wait_can_outlast_the_visibility_timeout() -> None:
     # Otherwise Redis hands a scheduled retry to a second worker before its time comes.
-    visibility = int(str(celeryconfig.broker_transport_options["visibility_timeout"]))
+    visibility = float(str(celeryconfig.broker_transport_options["visibility_timeout"]))
     assert visibility > MAX_RETRY_WAIT
 
 

@@ -8,6 +8,7 @@ from app.models import Base
 
 RAILS_TABLES = {
     "users",
+    "dead_letters",
     "orders",
     "order_items",
     "products",
