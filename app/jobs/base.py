@@ -470,6 +470,12 @@ def job(
         if not isinstance(policy, RetryOn | DiscardOn):
             raise JobDeclarationError(f"{name}: expected RetryOn/DiscardOn, got {policy!r}")
 
+    soft, hard = task_options.get("soft_time_limit"), task_options.get("time_limit")
+    if soft is not None and hard is not None and soft >= hard:
+        raise JobDeclarationError(
+            f"{name}: soft_time_limit ({soft}) must be below time_limit "
+            f"({hard}), or the soft limit can never fire"
+        )
     # A function stored on a class would be bound as a method: keep the chooser unbound.
     chooser = staticmethod(queue_as) if callable(queue_as) else queue_as
 

@@ -345,3 +345,21 @@ def celery_process(args: list[str], env: dict[str, str], log: Path) -> Iterator[
                 except TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+#: Arguments of a worker subprocess that also runs the harness's jobs.
+HARNESS_WORKER = [
+    "worker",
+    "--include",
+    "tests.integration.harness_jobs",
+    "--without-mingle",
+    "--without-gossip",
+    "--loglevel",
+    "INFO",
+]
+ALL_QUEUES = ["--queues", "urgent,default,low"]
+
+
+def worker_env(services: Services, broker: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker subprocess on `broker` and the tests' database."""
+    return {**os.environ, "BROKER_URL": broker, "DATABASE_URL": services.database_url, **extra}

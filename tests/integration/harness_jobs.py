@@ -6,6 +6,8 @@ import time
 from decimal import Decimal
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from app import celery
 from app.db import session_scope
 from app.jobs.base import EXECUTIONS_HEADER, job
@@ -70,4 +72,31 @@ def scripted_on_worker(token: str) -> str:
 @job("jobs.test_record_sku", queue_as="default")
 def record_sku(sku: str) -> int:
     """Insert a product named `sku` and return its id."""
+    return int(create_product.run(sku, 0))
+
+
+@job("jobs.test_sleepy_write", soft_time_limit=1, time_limit=10)
+def sleepy_write(sku: str, seconds: float) -> int:
+    """Insert a product, then take longer than the soft time limit inside the transaction."""
+    with session_scope() as session:
+        product = Product(sku=sku, name=sku, inventory=0, price=Decimal(1))
+        session.add(product)
+        session.flush()
+        time.sleep(seconds)
+        return product.id
+
+
+@job("jobs.test_stubborn", soft_time_limit=1, time_limit=2)
+def stubborn(seconds: float) -> None:
+    """Ignore the soft time limit and outlive the hard one."""
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        time.sleep(seconds)
+
+
+@job("jobs.test_slow_record")
+def slow_record(sku: str, seconds: float) -> int:
+    """Work for `seconds`, then insert a product named `sku`."""
+    time.sleep(seconds)
     return int(create_product.run(sku, 0))
