@@ -13,6 +13,8 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 from app.jobs.errors import DeserializationError
 
 REDACTED = "[REDACTED]"
+#: Longer strings are cut short where arguments are shown.
+MAX_LOGGED_STRING = 200
 #: Argument and key names whose values never reach a log line or a message's argsrepr.
 SENSITIVE_NAMES = frozenset(
     {
@@ -128,7 +130,7 @@ def _describe(hint: Any) -> str:
 
 
 def redact(value: Any, sensitive: Iterable[str] = SENSITIVE_NAMES) -> Any:
-    """`value` with the values of sensitive keys, at any depth, replaced by [REDACTED]."""
+    """`value` with sensitive keys' values, at any depth, replaced by [REDACTED]; long text cut."""
     names = frozenset(sensitive)
     if isinstance(value, Mapping):
         return {
@@ -136,6 +138,8 @@ def redact(value: Any, sensitive: Iterable[str] = SENSITIVE_NAMES) -> Any:
         }
     if isinstance(value, list | tuple):
         return [redact(v, names) for v in value]
+    if isinstance(value, str) and len(value) > MAX_LOGGED_STRING:
+        return f"{value[:40]}…[{len(value)} characters]"  # logs stay lines, not megabytes
     return value
 
 
