@@ -86,7 +86,7 @@ def process_order(session: Session, order_id: int) -> OrderOutcome:
             InventoryAudit(
                 product_id=item.product_id,
                 change=-item.quantity,
-                idempotency_key=f"order-item-{item.id}",
+                idempotency_key=f"order-item:{item.id}",
             )
         )
     for pid, qty in wanted.items():
