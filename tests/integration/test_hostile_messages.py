@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import func, select
 
 from app.db import session_scope

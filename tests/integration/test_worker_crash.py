@@ -54,7 +54,8 @@ class CrashingWorker:
     """A worker process group that can be killed outright and started again."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log, self.process = env, log, None
+        self.env, self.log = env, log
+        self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> None:
