@@ -83,8 +83,16 @@ worker_prefetch_multiplier = 1
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,
     "queue_order_strategy": _QUEUE_ORDER_STRATEGIES[_settings.queue_order],
+    # Look for messages whose worker vanished every 10 s (kombu's default scans every 100 s),
+    # so one comes back within the visibility timeout plus 10 s.
+    "unacked_restore_interval": 10,
+    "unacked_restore_throttle": 1,
 }
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+# A Redis restart must not turn finished jobs into failures: storing a result retries until
+# the backend is back instead of failing the job after its work committed.
+result_backend_always_retry = True
+result_backend_max_retries = 60
 if _settings.visibility_timeout <= MAX_RETRY_WAIT:
     logging.getLogger(__name__).warning(
         "BROKER_VISIBILITY_TIMEOUT=%s is not above the longest retry wait (%s s): scheduled "
