@@ -46,7 +46,7 @@ from tests.integration.factories import (
     wait_until,
 )
 
-HOT_CHANGES, ORDERS, PAYMENTS, EMAILS = 1500, 60, 80, 150
+HOT_CHANGES, ORDERS, PAYMENTS, EMAILS = 2200, 60, 80, 150
 VISIBILITY = 8
 
 
