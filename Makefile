@@ -13,8 +13,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Etsy's StatsD daemon, for the metrics test (skipped, with its reason, where npm is missing).
+STATSD := .state/npm/node_modules/statsd/stats.js
+$(STATSD):
+	@if command -v npm >/dev/null 2>&1; then \
+		mkdir -p .state/npm && npm install --silent --no-audit --no-fund --prefix .state/npm statsd@0.9.0; \
+	else echo "npm not found: the StatsD daemon test will be skipped"; fi
+
 ## setup: make the virtual environment and install the project with its dev tools
-setup: $(BIN)/.installed
+setup: $(BIN)/.installed $(STATSD)
 
 ## run: the demo: every documented job on a real worker, with a summary (stops what it starts)
 run: setup

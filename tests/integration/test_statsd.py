@@ -1,0 +1,126 @@
+"""The job layer's metrics, sent to Etsy's StatsD daemon (npm `statsd`) and read back from
+what it flushes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests.integration.conftest import (
+    ALL_QUEUES,
+    HARNESS_WORKER,
+    ROOT,
+    Services,
+    celery_process,
+    flush_broker,
+    isolated_broker,
+    worker_env,
+)
+from tests.integration.factories import make_product, wait_until
+from tests.integration.test_broker_and_database_faults import free_port
+
+#: Where `make setup` installs the daemon (npm install --prefix .state/npm statsd).
+STATSD = Path(os.environ.get("STATSD_DAEMON", Path(ROOT) / ".state/npm/node_modules/statsd"))
+
+
+def flushed(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def totals(flushes: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for flush in flushes:
+        for name, value in flush[kind].items():
+            if kind == "counters":
+                merged[name] = merged.get(name, 0) + value
+            elif kind == "timers":
+                merged.setdefault(name, []).extend(value)
+            else:
+                merged[name] = value
+    return merged
+
+
+@pytest.mark.skipif(
+    not (STATSD / "stats.js").exists() or not shutil.which("node"),
+    reason="the StatsD daemon is not installed (make setup installs it with npm)",
+)
+def test_job_metrics_reach_the_statsd_daemon(services: Services, tmp_path: Path) -> None:
+    port, output = free_port(), tmp_path / "flushes.jsonl"
+    config = tmp_path / "statsd.js"
+    config.write_text(
+        json.dumps(
+            {
+                "port": port,
+                "address": "127.0.0.1",
+                "mgmt_port": free_port(),
+                "mgmt_address": "127.0.0.1",
+                "flushInterval": 500,
+                "backends": [str(Path(ROOT) / "tests/statsd/json_lines_backend.js")],
+                "jsonLinesFile": str(output),
+            }
+        )
+    )
+    daemon = subprocess.Popen(
+        ["node", str(STATSD / "stats.js"), str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    broker = isolated_broker(services.broker_url, 5)
+    flush_broker(broker)
+    try:
+        wait_until(lambda: flushed(output), timeout=30)
+        product = make_product(inventory=0)
+        producer = Celery("producer", broker=broker)
+        for i in range(3):  # stamped as the job layer stamps what it enqueues
+            producer.send_task(
+                "jobs.update_inventory",
+                args=[product, 1, f"m-{i}"],
+                queue="default",
+                headers={"job_enqueued_at": time.time()},
+            )
+        producer.send_task(
+            "jobs.update_inventory", args=[product, -100, "too-much"], queue="default"
+        )
+        producer.send_task("jobs.update_inventory", args=[product, "x"], queue="default")
+        env = worker_env(
+            services,
+            broker,
+            STATSD_HOST="127.0.0.1",
+            STATSD_PORT=str(port),
+            STATSD_PREFIX="svc",
+            QUEUE_DEPTH_INTERVAL="1",
+        )
+        with celery_process(
+            [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "1"], env, tmp_path / "worker.log"
+        ):
+            name = "svc.jobs.update_inventory"
+            wait_until(
+                lambda: totals(flushed(output), "counters").get(f"{name}.failure"), timeout=60
+            )
+            producer.send_task("jobs.record_queue_depths", queue="urgent")
+            wait_until(
+                lambda: "svc.queues.default.depth" in totals(flushed(output), "gauges"), timeout=60
+            )
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+    flushes = flushed(output)
+    counters, timers = totals(flushes, "counters"), totals(flushes, "timers")
+    assert counters[f"{name}.success"] == 3
+    assert counters[f"{name}.failure"] == 1
+    assert counters[f"{name}.discard"] == 1
+    assert len(timers[f"{name}.duration"]) == 5
+    assert len(timers[f"{name}.queue_wait"]) == 3  # the others carried no enqueue time
+    assert all(ms >= 0 for ms in timers[f"{name}.queue_wait"])
+    assert totals(flushes, "gauges")["svc.queues.default.depth"] == 0
