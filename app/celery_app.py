@@ -4,5 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from app import logs  # noqa: F401  (connects the log set-up and job-context signals)
+
 celery_app = Celery("jobs_service")
 celery_app.config_from_object("celeryconfig")

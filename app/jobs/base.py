@@ -48,6 +48,7 @@ from app.jobs.arguments import (
 from app.jobs.errors import DeserializationError, JobDeclarationError
 from app.jobs.instrumentation import AroundPerform, Execution
 from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, find_policy
+from app.logs import CORRELATION_HEADER, current_correlation_id
 from app.queues import ENQUEUED_AT_HEADER
 from app.services import dead_letters
 from app.settings import QUEUES
@@ -58,7 +59,7 @@ DEFAULT_QUEUE = "default"
 #: Message headers the job layer reads and writes.
 EXECUTIONS_HEADER = "job_executions"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
-CARRIED_HEADERS = (EXECUTIONS_HEADER,)
+CARRIED_HEADERS = (EXECUTIONS_HEADER, CORRELATION_HEADER)
 #: Messages buffered before one round trip to the broker in `perform_all_later`.
 BULK_BATCH_SIZE = 1000
 
@@ -160,6 +161,9 @@ class Job(Task):  # type: ignore[misc]
             bind_arguments(self.run, args, kwargs)  # a bad call fails here, at the caller
         headers = dict(options.pop("headers", None) or {})
         headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
+        correlation = current_correlation_id.get()
+        if correlation is not None:  # a job enqueued by a job carries its correlation id
+            headers.setdefault(CORRELATION_HEADER, correlation)
         options["headers"] = headers
         arguments = redacted_arguments(self.run, args, kwargs, self.sensitive_names)
         options.setdefault("argsrepr", repr(arguments))  # argsrepr reaches logs and Flower
