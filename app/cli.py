@@ -1,4 +1,10 @@
-"""`jobs-service`: the operator's command line (dead letters; more chores as they come).
+"""`jobs-service`: the operator's command line.
+
+    jobs-service enqueue JOB [ARGS_JSON] [--kwargs JSON] [--queue Q] [--count N]
+    jobs-service queues                      depths and the oldest job's age per queue
+    jobs-service schedule                    the beat schedule with next run times
+    jobs-service health                      exits 1 when no worker answers
+    jobs-service dead-letters list|show|retry|discard
 
 Output is a readable table by default and JSON with `--json`. Arguments holding personal or
 payment data are redacted in every listing.
@@ -28,6 +34,163 @@ def main() -> None:
         load_settings()
     except ConfigError as exc:
         _fail(f"configuration error: {exc}")
+
+
+def _json_argument(name: str, raw: str | None, kind: type) -> Any:
+    if raw is None:
+        return kind()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        _fail(f"{name}: expected JSON, got {raw!r} ({exc.msg})")
+    if not isinstance(value, kind):
+        _fail(f"{name}: expected a JSON {'array' if kind is list else 'object'}, got {raw!r}")
+    return value
+
+
+@main.command("enqueue")
+@click.argument("job_name")
+@click.argument("args", required=False)
+@click.option("--kwargs", "kwargs_json", default=None, help='Keyword arguments, JSON: {"a": 1}.')
+@click.option("--queue", default=None, help="Override the job's queue.")
+@click.option("--count", default=1, show_default=True, help="Enqueue it this many times.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def enqueue_command(
+    job_name: str,
+    args: str | None,
+    kwargs_json: str | None,
+    queue: str | None,
+    count: int,
+    as_json: bool,
+) -> None:
+    """Enqueue JOB_NAME (e.g. jobs.process_order) with ARGS, a JSON array such as '[42]'."""
+    from app import celery
+    from app.jobs.base import Job, perform_all_later
+    from app.jobs.errors import DeserializationError
+
+    arguments = _json_argument("ARGS", args, list)
+    keywords = _json_argument("--kwargs", kwargs_json, dict)
+    job = celery.tasks.get(job_name)
+    if not isinstance(job, Job):
+        known = ", ".join(sorted(n for n, t in celery.tasks.items() if isinstance(t, Job)))
+        _fail(f"unknown job {job_name!r}; known jobs: {known}")
+    options = {"queue": queue} if queue else {}
+    try:
+        if count == 1:
+            ids = [job.apply_async(arguments, keywords, **options).id]
+        else:
+            with click.progressbar(
+                length=count, label=f"enqueueing {job_name}", file=sys.stderr
+            ) as bar:
+                ids = []
+                for start in range(0, count, 1000):
+                    batch = min(1000, count - start)
+                    signatures = [job.signature(arguments, keywords, **options)] * batch
+                    ids += [r.id for r in perform_all_later(signatures)]
+                    bar.update(batch)
+    except (DeserializationError, ValueError) as exc:
+        _fail(f"{job_name}: {exc}")
+    if as_json:
+        click.echo(json.dumps({"job": job_name, "task_ids": ids}))
+    else:
+        click.echo(f"enqueued {job_name} x{len(ids)}: {ids[0]}" + (" ..." if len(ids) > 1 else ""))
+
+
+@main.command("queues")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def queues_command(as_json: bool) -> None:
+    """How many jobs wait in each queue, and for how long the oldest has waited."""
+    from app.queues import queue_depths
+
+    rows = [
+        {
+            "queue": d.queue,
+            "depth": d.depth,
+            "oldest_age_seconds": None if d.oldest_age is None else round(d.oldest_age, 1),
+        }
+        for d in queue_depths()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(_table(rows, ["queue", "depth", "oldest_age_seconds"]))
+
+
+@main.command("schedule")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def schedule_command(as_json: bool) -> None:
+    """The beat schedule: each entry, its task, when it last ran and when it runs next."""
+    import datetime as dt
+
+    from app import celery
+
+    now = celery.now()
+    rows = []
+    for name, entry in sorted(celery.conf.beat_schedule.items()):
+        schedule = entry["schedule"]
+        if isinstance(schedule, int | float):
+            schedule = dt.timedelta(seconds=schedule)
+        if isinstance(schedule, dt.timedelta):
+            from celery.schedules import schedule as every
+
+            schedule = every(schedule)
+        last = _last_run(name)
+        remaining = schedule.remaining_estimate(last or now)
+        next_run = max(now, (last or now) + remaining) + dt.timedelta(milliseconds=500)
+        rows.append(
+            {
+                "entry": name,
+                "task": entry["task"],
+                "schedule": str(schedule),
+                "last_run": last.isoformat() if last else None,
+                "next_run": next_run.isoformat(timespec="seconds"),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(_table(rows, ["entry", "task", "schedule", "last_run", "next_run"]))
+
+
+def _last_run(name: str) -> Any:
+    """When RedBeat last ran the entry, if it keeps the schedule and has run it."""
+    from app import celery
+
+    if celery.conf.get("beat_scheduler") != "redbeat.RedBeatScheduler":
+        return None
+    from redbeat import RedBeatSchedulerEntry
+    from redbeat.schedulers import ensure_conf
+
+    ensure_conf(celery)
+    try:
+        entry = RedBeatSchedulerEntry.from_key(
+            RedBeatSchedulerEntry.generate_key(celery, name), app=celery
+        )
+    except KeyError:
+        return None
+    return entry.last_run_at if entry.total_run_count else None
+
+
+@main.command("health")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for replies.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def health_command(timeout: float, as_json: bool) -> None:
+    """Ping the workers; exit 1 when none answers (for a liveness check)."""
+    from app import celery
+
+    error: str | None = None
+    try:
+        replies = celery.control.ping(timeout=timeout) or []
+    except Exception as exc:  # the broker itself is unreachable
+        replies, error = [], f"{type(exc).__name__}: {exc}"
+    workers = sorted(name for reply in replies for name in reply)
+    if as_json:
+        click.echo(json.dumps({"healthy": bool(workers), "workers": workers, "error": error}))
+    elif workers:
+        click.echo(f"ok: {len(workers)} worker(s) answered: {', '.join(workers)}")
+    else:
+        click.echo("unhealthy: no worker answered" + (f" ({error})" if error else ""), err=True)
+    sys.exit(0 if workers else 1)
 
 
 @main.group("dead-letters")
