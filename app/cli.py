@@ -1,6 +1,7 @@
 """`jobs-service`: the operator's command line.
 
     jobs-service enqueue JOB [ARGS_JSON] [--kwargs JSON] [--queue Q] [--count N]
+    jobs-service import CSV_PATH             import products, showing progress
     jobs-service queues                      depths and the oldest job's age per queue
     jobs-service schedule                    the beat schedule with next run times
     jobs-service health                      exits 1 when no worker answers
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -94,6 +96,74 @@ def enqueue_command(
         click.echo(json.dumps({"job": job_name, "task_ids": ids}))
     else:
         click.echo(f"enqueued {job_name} x{len(ids)}: {ids[0]}" + (" ..." if len(ids) > 1 else ""))
+
+
+@main.command("import")
+@click.argument("csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait for the import to finish, showing progress.",
+)
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait at most.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def import_command(csv_path: Path, wait: bool, timeout: float, as_json: bool) -> None:
+    """Import products from CSV_PATH (sku, name, price, inventory) with jobs.import_data."""
+    import time
+
+    from app.db import session_scope
+    from app.jobs import import_data
+    from app.models import Import
+
+    with session_scope() as session:
+        record = Import(source=str(csv_path.resolve()))
+        session.add(record)
+        session.flush()
+        import_id = record.id
+        import_data.delay(import_id)  # published once the import row is committed
+    if not wait:
+        click.echo(
+            json.dumps({"import_id": import_id}) if as_json else f"import {import_id} enqueued"
+        )
+        return
+    started = time.monotonic()
+    spinner = "|/-\\"
+    while True:
+        with session_scope() as session:
+            current = session.get(Import, import_id)
+            assert current is not None
+            status = current.status
+            errors: list[dict[str, Any]] = list(current.errors[:20])
+            summary = {
+                "import_id": import_id,
+                "status": status,
+                "rows_seen": current.rows_seen,
+                "rows_imported": current.rows_imported,
+                "rows_rejected": current.rows_rejected,
+                "errors": errors,
+            }
+        elapsed = time.monotonic() - started
+        if status in ("completed", "failed") or elapsed > timeout:
+            break
+        if not as_json:
+            mark = spinner[int(elapsed * 4) % 4]
+            click.echo(
+                f"\r{mark} import {import_id}: {status} ({elapsed:.0f} s)", nl=False, err=True
+            )
+        time.sleep(0.25)
+    if not as_json:
+        click.echo("", err=True)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"import {import_id}: {status}; {summary['rows_seen']} rows, "
+            f"{summary['rows_imported']} imported, {summary['rows_rejected']} rejected"
+        )
+        for error in errors:
+            click.echo(f"  line {error.get('line')}: {error.get('error')}")
+    sys.exit(0 if status == "completed" else 1)
 
 
 @main.command("queues")

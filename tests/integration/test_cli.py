@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from celery.worker import WorkController
+
 from app.models import Product
 from tests.integration.conftest import (
     ALL_QUEUES,
@@ -87,3 +89,17 @@ def test_bad_input_gets_one_clear_line(services: Services) -> None:
         result = cli(broker, services, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_import_shows_progress_and_its_outcome(
+    services: Services, worker: WorkController, tmp_path: Path
+) -> None:
+    csv = tmp_path / "products.csv"
+    csv.write_text("sku,name,price,inventory\nA-1,Anvil,1.00,3\nB-2,,1.00,1\n")
+    # the in-process worker consumes the tests' own broker
+    result = cli(services.broker_url, services, "import", str(csv))
+
+    assert result.returncode == 0, result.stderr
+    assert "import 1: completed; 2 rows, 1 imported, 1 rejected" in result.stdout
+    assert "line 3: name must be 1 to 200 characters" in result.stdout
+    assert "import 1:" in result.stderr  # the progress line
