@@ -6,8 +6,8 @@ import logging
 import signal
 import sys
 import threading
-from types import FrameType
-from typing import Protocol
+from types import FrameType, TracebackType
+from typing import Protocol, Self
 
 
 class Server(Protocol):
@@ -16,6 +16,28 @@ class Server(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class Lifecycle:
+    """`with server:` starts it and stops it, for a class with `start` and `stop`."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def serve_until_stopped(server: Server, name: str, where: str) -> int:

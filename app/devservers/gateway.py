@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, cast
 
-from app.devservers import serve_until_stopped
+from app.devservers import Lifecycle, serve_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +358,7 @@ class _Handler(BaseHTTPRequestHandler):
         logger.info("%s: " + format, self.address_string(), *args)
 
 
-class GatewaySimulator:
+class GatewaySimulator(Lifecycle):
     """A payment gateway on 127.0.0.1 that serves in a daemon thread; a context manager."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -425,18 +424,6 @@ class GatewaySimulator:
     def reset(self) -> None:
         """Forget every charge, stored key, request count and pending fault."""
         self._state.reset()
-
-    def __enter__(self) -> GatewaySimulator:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,13 +20,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from types import TracebackType
-from typing import NoReturn, Self
+from typing import NoReturn
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from app.devservers import serve_until_stopped
+from app.devservers import Lifecycle, serve_until_stopped
 
 # Named explicitly: under `python -m` __name__ would be "__main__".
 log = logging.getLogger("app.devservers.smtp")
@@ -160,7 +159,7 @@ class _Controller(Controller):
         super()._trigger_server()
 
 
-class SmtpServer:
+class SmtpServer(Lifecycle):
     """A local SMTP server on a background thread that stores what it receives."""
 
     def __init__(
@@ -213,18 +212,6 @@ class SmtpServer:
         controller, self._controller = self._controller, None
         if controller is not None:
             controller.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def messages(self) -> list[Received]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -363,3 +364,23 @@ ALL_QUEUES = ["--queues", "urgent,default,low"]
 def worker_env(services: Services, broker: str, **extra: str) -> dict[str, str]:
     """The environment of a worker subprocess on `broker` and the tests' database."""
     return {**os.environ, "BROKER_URL": broker, "DATABASE_URL": services.database_url, **extra}
+
+
+def run_cli(
+    services: Services, *args: str, broker: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`jobs-service ARGS` in a child process, on the tests' database and `broker`."""
+    environment = {
+        **os.environ,
+        "DATABASE_URL": services.database_url,
+        "BROKER_URL": broker or services.broker_url,
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

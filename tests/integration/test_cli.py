@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from celery.worker import WorkController
@@ -14,26 +12,18 @@ from app.models import Product
 from tests.integration.conftest import (
     ALL_QUEUES,
     HARNESS_WORKER,
-    ROOT,
     Services,
     celery_process,
     flush_broker,
     isolated_broker,
+    run_cli,
     worker_env,
 )
 from tests.integration.factories import make_product, reload, wait_until
 
 
 def cli(broker: str, services: Services, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BROKER_URL": broker, "DATABASE_URL": services.database_url}
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(services, *args, broker=broker)
 
 
 def test_enqueue_queues_schedule_and_health(services: Services, tmp_path: Path) -> None:

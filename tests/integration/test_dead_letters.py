@@ -14,7 +14,7 @@ from sqlalchemy import func, insert, select
 from app.db import session_scope
 from app.models import DeadLetter, Product
 from app.services import dead_letters
-from tests.integration.conftest import ROOT, Services
+from tests.integration.conftest import ROOT, Services, run_cli
 from tests.integration.factories import make_product, reload, scalar, wait_until
 
 
@@ -40,15 +40,7 @@ def failure(
 
 
 def cli(services: Services, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": services.database_url, "BROKER_URL": services.broker_url}
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(services, *args)
 
 
 def test_retention_keeps_the_newest_ten_thousand_and_nothing_older_than_six_months(
