@@ -1,10 +1,14 @@
-"""Nothing lost, nothing doubled: a worker whose processes are killed again and again.
+"""Nothing lost, nothing doubled: workers whose processes are killed again and again.
 
 A worker runs as a process group of its own, with a short visibility timeout so that what a
-killed worker held comes back within seconds. Pool children are SIGKILLed (Celery requeues
-their job: reject_on_worker_lost) and the whole worker is SIGKILLed (what it held is restored
-from Redis's unacked set by the next worker), then the queues drain. Every effect must have
-happened exactly once.
+killed worker held comes back within seconds, over a few thousand mixed jobs.
+
+- Pool children SIGKILLed: Celery requeues their job (reject_on_worker_lost); every effect
+  happens exactly once.
+- Whole workers SIGKILLed: what they held is restored from Redis's unacked set by the next
+  worker. Nothing is doubled. kombu's Redis transport takes a message with BRPOP and records
+  it as unacknowledged in a second command, so a kill between the two loses that one message;
+  the test bounds the loss to one per kill and reports it (see the README's Guarantees).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -107,11 +112,22 @@ class CrashingWorker:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def test_killed_workers_lose_nothing_and_double_nothing(
-    services: Services, smtp: SmtpServer, gateway: GatewaySimulator, tmp_path: Path
-) -> None:
-    broker = isolated_broker(services.broker_url, 7)
-    flush_broker(broker)
+@dataclass
+class Scenario:
+    """The jobs a crash test enqueues, and what they should do."""
+
+    hot: list[int]
+    changes: list[tuple[int, int]]
+    stock: int
+    orders: list[int]
+    payments: list[int]
+
+    @property
+    def expected(self) -> int:
+        return HOT_CHANGES + ORDERS + PAYMENTS + EMAILS
+
+
+def enqueue_mixed_jobs(broker: str) -> Scenario:
     rng = random.Random(11)
     hot = [make_product(inventory=100_000) for _ in range(3)]
     changes = [(rng.choice(hot), rng.randint(-20, 20) or 1) for _ in range(HOT_CHANGES)]
@@ -119,9 +135,6 @@ def test_killed_workers_lose_nothing_and_double_nothing(
     orders = [make_order(make_user(), [(stock, 1, "3.00")]) for _ in range(ORDERS)]
     payments = [make_payment() for _ in range(PAYMENTS)]
     recipient = make_user()
-
-    producer = Celery("producer", broker=broker)
-    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
     jobs: list[tuple[str, list[object], str]] = (
         [
             ("jobs.update_inventory", [p, c, f"inv-{i}"], "default")
@@ -139,19 +152,26 @@ def test_killed_workers_lose_nothing_and_double_nothing(
         ]
     )
     rng.shuffle(jobs)
+    producer = Celery("producer", broker=broker)
+    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
     with producer.connection_for_write() as connection:
         for name, args, queue in jobs:
             producer.send_task(name, args=args, queue=queue, connection=connection)
+    return Scenario(hot, changes, stock, orders, payments)
 
+
+def run_with_kills(services: Services, broker: str, steps: list[str], log: Path) -> Counter[str]:
+    """Run a worker, apply the kill steps 2.5 s apart, then let a last worker drain it all."""
     worker = CrashingWorker(
-        worker_env(services, broker, BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY)),
-        tmp_path / "worker.log",
+        worker_env(services, broker, BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY)), log
     )
     kills = Counter[str]()
+    client = redis.Redis.from_url(redis_client_url(broker) or "")
+    _last_progress.clear()
     try:
         worker.start()
         time.sleep(4)
-        for step in ("child", "child", "crash", "child", "child", "crash"):
+        for step in steps:
             if step == "child" and worker.kill_a_child():
                 kills["pool child"] += 1
             if step == "crash":
@@ -159,56 +179,105 @@ def test_killed_workers_lose_nothing_and_double_nothing(
                 kills["whole worker"] += 1
                 worker.start()
             time.sleep(2.5)
-        worker.crash()
-        kills["whole worker"] += 1
-        time.sleep(VISIBILITY + 1)  # what the dead workers held is now due back
-        worker.start()
-        client = redis.Redis.from_url(redis_client_url(broker) or "")
-        wait_until(lambda: drained(client, orders), timeout=180, every=0.5)
+        if kills["whole worker"]:
+            worker.crash()
+            kills["whole worker"] += 1
+            time.sleep(VISIBILITY + 1)  # what the dead workers held is now due back
+            worker.start()
+        wait_until(lambda: settled(client), timeout=180, every=1.0)
     finally:
         worker.stop()
-
-    assert kills == Counter({"pool child": 4, "whole worker": 3})
-    # Inventory: every change applied exactly once.
-    for product in hot:
-        expected = 100_000 + sum(c for p, c in changes if p == product)
-        assert reload(Product, product).inventory == expected
-    assert audits("inv-%") == HOT_CHANGES
-    # Orders: each processed once, its item reserved once.
-    assert count_where(Order.status == "processed") == ORDERS
-    assert reload(Product, stock).inventory == 1_000_000 - ORDERS
-    assert audits("order-item:%") == ORDERS
-    # Payments: each charged once at the gateway, however often it was tried.
-    assert count_where(Payment.status == "succeeded") == PAYMENTS
-    assert len(gateway.charges) == PAYMENTS
-    assert len({c.idempotency_key for c in gateway.charges}) == PAYMENTS
-    # Emails: one delivery per key; the server saw each message (by Message-ID) once, unless
-    # a crash fell between its acceptance and the commit (then the Message-ID repeats).
-    sent = count_where(EmailDelivery.status == "sent")
-    assert sent == EMAILS + ORDERS
-    message_ids = Counter(str(m.message["Message-ID"]) for m in smtp.messages)
-    assert len(message_ids) == EMAILS + ORDERS
-    duplicates = sum(n - 1 for n in message_ids.values())
-    print(
-        f"kills: {dict(kills)}; emails received {len(smtp.messages)}, "
-        f"{duplicates} repeated Message-IDs; gateway requests {gateway.requests}"
-    )
-    # Nothing unaccounted for.
-    assert scalar(select(func.count()).select_from(DeadLetter)) == 0
+    return kills
 
 
-def drained(client: redis.Redis, orders: list[int]) -> bool:
-    pending = count_where(Order.id.in_(orders) & (Order.status == "pending")) + count_where(
-        Payment.status == "pending"
-    )
+_last_progress: list[tuple[int, ...]] = []
+
+
+def settled(client: redis.Redis) -> bool:
+    """The broker holds nothing and the effects stopped changing for three seconds."""
     queued = sum(int(client.llen(q)) for q in ("urgent", "default", "low"))
-    return (
-        audits("inv-%") == HOT_CHANGES
-        and pending == 0
-        and queued == 0
-        and not client.hlen("unacked")
-        and count_where(EmailDelivery.status == "sent") == EMAILS + ORDERS
+    progress = (
+        audits("%"),
+        count_where(EmailDelivery.status == "sent"),
+        count_where(Payment.status != "pending"),
+        queued,
+        int(client.hlen("unacked")),
     )
+    _last_progress.append(progress)
+    recent = _last_progress[-4:]
+    return queued == 0 and progress[-1] == 0 and len(recent) == 4 and len(set(recent)) == 1
+
+
+def effects(scenario: Scenario, smtp: SmtpServer, gateway: GatewaySimulator) -> dict[str, int]:
+    """How many of each kind of job took effect, checking that none took effect twice."""
+    # Inventory: each product's stock is its start plus exactly the changes audited once each.
+    with session_scope() as session:
+        for product in [*scenario.hot, scenario.stock]:
+            applied = session.scalar(
+                select(func.coalesce(func.sum(InventoryAudit.change), 0)).where(
+                    InventoryAudit.product_id == product
+                )
+            )
+            start = 1_000_000 if product == scenario.stock else 100_000
+            assert reload(Product, product).inventory == start + int(applied or 0)
+    processed = count_where(Order.id.in_(scenario.orders) & (Order.status == "processed"))
+    assert audits("order-item:%") == processed  # each processed order reserved once
+    succeeded = count_where(Payment.status == "succeeded")
+    assert len(gateway.charges) == succeeded  # each payment charged once at the gateway
+    assert len({c.idempotency_key for c in gateway.charges}) == succeeded
+    sent = count_where(EmailDelivery.status == "sent")
+    message_ids = Counter(str(m.message["Message-ID"]) for m in smtp.messages)
+    assert len(message_ids) == sent  # one message per delivery key
+    assert scalar(select(func.count()).select_from(DeadLetter)) == 0
+    return {
+        "inventory": audits("inv-%"),
+        "orders": processed,
+        "payments": succeeded,
+        "emails": sent - processed,
+    }
+
+
+def test_killed_pool_processes_lose_nothing_and_double_nothing(
+    services: Services, smtp: SmtpServer, gateway: GatewaySimulator, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, 7)
+    flush_broker(broker)
+    scenario = enqueue_mixed_jobs(broker)
+
+    kills = run_with_kills(services, broker, ["child"] * 6, tmp_path / "worker.log")
+
+    assert kills == Counter({"pool child": 6})
+    done = effects(scenario, smtp, gateway)
+    assert done == {
+        "inventory": HOT_CHANGES,
+        "orders": ORDERS,
+        "payments": PAYMENTS,
+        "emails": EMAILS,
+    }
+    for product in scenario.hot:
+        expected = 100_000 + sum(c for p, c in scenario.changes if p == product)
+        assert reload(Product, product).inventory == expected
+
+
+def test_killed_whole_workers_double_nothing_and_lose_at_most_the_message_in_hand(
+    services: Services, smtp: SmtpServer, gateway: GatewaySimulator, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, 7)
+    flush_broker(broker)
+    scenario = enqueue_mixed_jobs(broker)
+
+    kills = run_with_kills(
+        services, broker, ["child", "crash", "child", "crash"], tmp_path / "worker.log"
+    )
+
+    assert kills == Counter({"pool child": 2, "whole worker": 3})
+    done = effects(scenario, smtp, gateway)
+    lost = scenario.expected - sum(done.values())
+    print(
+        f"kills: {dict(kills)}; took effect: {done}; lost between BRPOP and its record: "
+        f"{lost}; emails received {len(smtp.messages)}; gateway requests {gateway.requests}"
+    )
+    assert 0 <= lost <= kills["whole worker"]
 
 
 def audits(pattern: str) -> int:
