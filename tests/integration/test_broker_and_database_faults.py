@@ -18,6 +18,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from app.db import session_scope
 from app.models import DeadLetter, InventoryAudit, Product
 from tests.integration.conftest import (
     ALL_QUEUES,
@@ -154,13 +155,15 @@ def audits() -> int:
     return int(scalar(select(func.count()).select_from(InventoryAudit)))
 
 
-def test_a_broker_restart_mid_run_loses_no_job(services: Services, tmp_path: Path) -> None:
+def test_a_broker_restart_mid_run_loses_at_most_the_message_in_flight(
+    services: Services, tmp_path: Path
+) -> None:
     redis_server = OwnRedis(tmp_path)
     redis_server.start()
     product = make_product(inventory=0)
     try:
         env = worker_env(services, redis_server.url, BROKER_VISIBILITY_TIMEOUT="8")
-        first = publish_changes(redis_server.url, product, range(0, 400))
+        changes = publish_changes(redis_server.url, product, range(0, 400))
         with celery_process(
             [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "2"], env, tmp_path / "worker.log"
         ):
@@ -168,14 +171,30 @@ def test_a_broker_restart_mid_run_loses_no_job(services: Services, tmp_path: Pat
             redis_server.kill()
             time.sleep(2)
             redis_server.start()
-            second = publish_changes(redis_server.url, product, range(400, 600))
-            wait_until(lambda: audits() == 600, timeout=120, every=0.5)
-        assert reload(Product, product).inventory == sum(first) + sum(second)
+            changes += publish_changes(redis_server.url, product, range(400, 600))
+            seen: list[int] = []
+            wait_until(lambda: settled(seen), timeout=120, every=1.0)
+        applied = audits()
+        # Every job enqueued before or after the restart ran, except at most the one message
+        # the worker had just taken when Redis died (kombu's BRPOP, then a second command to
+        # record it as unacknowledged: see the README's Guarantees). None ran twice.
+        assert 599 <= applied <= 600, applied
+        with session_scope() as session:
+            audited = session.scalar(select(func.sum(InventoryAudit.change)))
+        assert reload(Product, product).inventory == audited
+        if applied == 600:
+            assert audited == sum(changes)
         assert scalar(select(func.count()).select_from(DeadLetter)) == 0
         log = (tmp_path / "worker.log").read_text()
         assert "Connection to broker lost" in log or "Cannot connect" in log
     finally:
         redis_server.stop()
+
+
+def settled(seen: list[int]) -> bool:
+    """No more jobs took effect for three seconds."""
+    seen.append(audits())
+    return len(seen) >= 4 and len(set(seen[-4:])) == 1 and seen[-1] >= 599
 
 
 @contextmanager
