@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run serve migrate test unit lint embedded-start embedded-stop clean
+.PHONY: bench setup run serve migrate test unit lint embedded-start embedded-stop clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: setup
 ## unit: the unit tests only (no broker, no database)
 unit: setup
 	$(BIN)/pytest tests/unit
+
+## bench: the benchmarks (make bench QUICK=1 for small sizes); never part of `make test`
+bench: setup
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
 
 ## lint: ruff and mypy
 lint: setup
