@@ -164,16 +164,22 @@ def test_a_broker_restart_mid_run_loses_at_most_the_message_in_flight(
     try:
         env = worker_env(services, redis_server.url, BROKER_VISIBILITY_TIMEOUT="8")
         changes = publish_changes(redis_server.url, product, range(0, 400))
-        with celery_process(
-            [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "2"], env, tmp_path / "worker.log"
-        ):
+        args = [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "2"]
+        with celery_process(args, env, tmp_path / "worker.log") as worker:
             wait_until(lambda: audits() >= 80, timeout=60, every=0.05)
             redis_server.kill()
             time.sleep(2)
             redis_server.start()
             changes += publish_changes(redis_server.url, product, range(400, 600))
             seen: list[int] = []
-            wait_until(lambda: settled(seen), timeout=120, every=1.0)
+            wait_until(lambda: settled(seen) or worker.poll() is not None, timeout=120, every=1.0)
+        if audits() < 599:
+            # kombu 5.7 sometimes dies on reconnecting ("Unrecoverable error: AttributeError:
+            # 'NoneType' object has no attribute 'hostname'"); a supervisor (the Procfile
+            # runner, systemd) restarts it, as this does.
+            with celery_process(args, env, tmp_path / "worker-restarted.log"):
+                seen = []
+                wait_until(lambda: settled(seen), timeout=120, every=1.0)
         applied = audits()
         # Every job enqueued before or after the restart ran, except at most the one message
         # the worker had just taken when Redis died (kombu's BRPOP, then a second command to
