@@ -11,6 +11,7 @@ import logging
 from celery.schedules import crontab
 from kombu.entity import Queue
 
+from app import broker
 from app.jobs.policies import MAX_RETRY_WAIT
 from app.settings import QUEUES, ConfigError, get_endpoints, get_settings, redis_client_url
 
@@ -23,6 +24,10 @@ except ConfigError as exc:
 # Broker and results ------------------------------------------------------------------------
 
 broker_url = _endpoints.broker_url
+# redis://, rediss:// and redis+socket:// use app.broker's transport: kombu's, except that a
+# worker takes a message and records it as unacknowledged in one atomic step, so a worker
+# killed outright, or a Redis that dies, mid-fetch loses nothing (see app/broker.py).
+broker.install()
 result_backend = _endpoints.result_backend
 result_expires = 24 * 3600
 broker_connection_retry_on_startup = True
@@ -49,7 +54,7 @@ task_create_missing_queues = False
 task_routes = ("app.jobs.base.route_by_queue_as",)
 
 # Sidekiq's weighted order (urgent 6, default 3, low 1 unless QUEUE_WEIGHTS says otherwise):
-# before every BRPOP the Redis transport asks app.queue_order.WeightedCycle for the order to
+# before every fetch the Redis transport asks app.queue_order.WeightedCycle for the order to
 # check the queues in, a weighted random draw, so urgent is usually first and low is never
 # starved. QUEUE_ORDER=strict always checks urgent, then default, then low (low waits while
 # urgent has work); QUEUE_ORDER=round_robin is kombu's default.
