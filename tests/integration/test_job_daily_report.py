@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from decimal import Decimal
 
 from celery.worker import WorkController
@@ -66,6 +67,8 @@ def test_concurrent_runs_store_one_report_and_none_fails(smtp: SmtpServer) -> No
 
     assert all(isinstance(r, dict) for r in results), results
     assert scalar(select(func.count()).select_from(Report)) == 1
+    smtp.wait_for_messages(1, timeout=30)  # the worker sends it, after the report's commit
+    time.sleep(1)  # room for a second one, which must not come
     assert len(smtp.messages) == 1
 
 
