@@ -37,11 +37,14 @@ from kombu.utils.json import loads
 #: KEYS: the unacked hash, its index, then the queues in the order to try them.
 #: ARGV: the time to index the message at (the worker's clock, as kombu's own records use).
 #: Returns false when every queue is empty, else {position of the queue, message, recorded}.
-#: A message the script cannot read (not kombu's JSON envelope, no delivery tag) is returned
-#: unrecorded, and the channel handles it exactly as kombu's BRPOP path would.
+#: The message is read first and popped last: Redis does not undo a script's earlier writes
+#: when a later command fails (a full `noeviction` server refuses ZADD and HSET, never RPOP),
+#: so a failed record leaves the message in its queue. A message the script cannot read (not
+#: kombu's JSON envelope, no delivery tag) is popped and returned unrecorded, and the channel
+#: logs and skips it.
 FETCH_SCRIPT = """
 for i = 3, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
+  local item = redis.call('LINDEX', KEYS[i], -1)
   if item then
     local ok, message = pcall(cjson.decode, item)
     if ok and type(message) == 'table' and type(message.properties) == 'table' then
@@ -52,9 +55,11 @@ for i = 3, #KEYS do
         redis.call('ZADD', KEYS[2], ARGV[1], tag)
         redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info.exchange)
           .. ',' .. cjson.encode(info.routing_key) .. ']')
+        redis.call('RPOP', KEYS[i])
         return {i - 2, item, 1}
       end
     end
+    redis.call('RPOP', KEYS[i])
     return {i - 2, item, 0}
   end
 end

@@ -3,10 +3,10 @@
 Sidekiq checks its queues in a random order weighted by their weights, so with
 `urgent 6, default 3, low 1` urgent work is usually taken first and low work is never starved.
 kombu's Redis channel asks a "cycle" object for the queue order before every fetch (kombu's
-BRPOP, or app.broker's fetch script) and takes from the first non-empty queue of that order; `queue_order_strategy` in the transport
-options names the cycle class. `WeightedCycle` is that class: each call orders the queues by
-a weighted draw without replacement, so a queue comes first with probability
-weight / sum of weights (6/10, 3/10, 1/10).
+BRPOP, or app.broker's fetch script) and takes from the first non-empty queue of that order;
+`queue_order_strategy` in the transport options names the cycle class. `WeightedCycle` is
+that class: each call orders the queues by a weighted draw without replacement, so a queue
+comes first with probability weight / sum of weights (6/10, 3/10, 1/10).
 """
 
 from __future__ import annotations
