@@ -13,6 +13,7 @@ import logging
 import select
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from kombu.transport import redis as kombu_redis
 from app import broker
 from app.settings import redis_client_url
 from tests.integration.conftest import Services, flush_broker, isolated_broker
+from tests.integration.test_broker_and_database_faults import OwnRedis
 
 QUEUES = [Queue(name, Exchange(""), routing_key=name) for name in ("urgent", "default", "low")]
 
@@ -172,3 +174,33 @@ def test_an_item_that_is_not_a_kombu_message_is_logged_and_skipped(
     assert received == [{"job": "good"}]
     assert "not a kombu message" in caplog.text
     assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+
+
+@pytest.mark.parametrize("transport", [broker.Transport, kombu_redis.Transport])
+def test_a_full_noeviction_redis_refuses_the_fetch_and_keeps_the_message(
+    transport: type, tmp_path: Path
+) -> None:
+    """`maxmemory-policy noeviction` (what the README asks for) refuses writes when full."""
+    server = OwnRedis(tmp_path)
+    server.start()
+    try:
+        with connect(server.url, broker.Transport) as producer:
+            publish(producer, "default", {"job": 1})
+        client = redis.Redis.from_url(server.url)
+        received: list[Any] = []
+        with (
+            connect(server.url, transport) as connection,
+            Consumer(connection, QUEUES, callbacks=[lambda body, m: received.append(body)]),
+        ):
+            client.config_set("maxmemory", int(client.info("memory")["used_memory"]) // 2)
+            with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+                connection.drain_events(timeout=5)
+            client.config_set("maxmemory", 0)
+        left = counts(server.url)
+    finally:
+        server.stop()
+    if transport is broker.Transport:
+        assert left == {"queued": 1, "unacked": 0, "indexed": 0}  # still there for later
+    else:  # kombu's BRPOP took it, then its record was refused: gone
+        assert left == {"queued": 0, "unacked": 0, "indexed": 0}
+    assert received == []
