@@ -1,9 +1,24 @@
-"""No-op tasks the overhead benchmark drains: one through the job layer, one bare Celery."""
+"""Benchmark-only jobs: the no-ops the overhead benchmark drains, and the low-queue backlog and
+urgent jobs of the urgent-latency benchmark. The worker loads them with `--include bench.tasks`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
 from app import celery
 from app.jobs.base import job
+from app.settings import redis_client_url
+
+#: The Redis list (in the benchmark's broker database) each urgent job appends its timing to.
+URGENT_STARTS = "bench:urgent_starts"
+
+_redis: Any = None
+_redis_pid: int | None = None
 
 
 @job("jobs.bench_noop", ignore_result=True)
@@ -14,3 +29,30 @@ def bench_noop(n: int) -> None:
 @celery.task(name="bench.bare_noop", ignore_result=True)
 def bare_noop(n: int) -> None:
     """Nothing, as a bare Celery task."""
+
+
+@job("jobs.bench_low", queue_as="low", ignore_result=True)
+def bench_low(n: int) -> int:
+    """A little work from the low queue (a few hundred SHA-256 rounds, well under 1 ms)."""
+    digest = str(n).encode()
+    for _ in range(200):
+        digest = hashlib.sha256(digest).digest()
+    return digest[0]
+
+
+@job("jobs.bench_urgent", queue_as="urgent", ignore_result=True)
+def bench_urgent(n: int, enqueued_at: float) -> None:
+    """Record (n, enqueue time, start time) in Redis: its enqueue-to-start latency."""
+    started_at = time.time()
+    _client().rpush(URGENT_STARTS, json.dumps([n, enqueued_at, started_at]))
+
+
+def _client() -> Any:
+    # One client per process: a prefork child must not reuse a socket its parent opened.
+    global _redis, _redis_pid
+    if _redis is None or _redis_pid != os.getpid():
+        import redis
+
+        _redis = redis.Redis.from_url(redis_client_url(os.environ["BROKER_URL"]) or "")
+        _redis_pid = os.getpid()
+    return _redis
