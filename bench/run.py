@@ -77,7 +77,7 @@ def prepare_environment() -> None:
         broker_url = broker_url or running.broker_url
     assert database_url and broker_url
     bench_db = f"{make_url(database_url).database}_bench"
-    from tests.integration.conftest import alembic_config, isolated_broker, recreate_database
+    from app.scratch import alembic_config, isolated_broker, recreate_database
 
     try:
         url = recreate_database(database_url, bench_db)

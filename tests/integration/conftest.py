@@ -20,12 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import STDOUT, Popen, TimeoutExpired
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 from alembic import command
-from alembic.config import Config
 from celery.contrib.testing.worker import start_worker
 from celery.utils import uuid
 from celery.worker import WorkController
@@ -33,17 +30,21 @@ from celery.worker import state as worker_state
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from app import celery, embedded
+from app import celery, embedded, scratch
 from app.db import dispose_engine, get_engine
 from app.devservers.gateway import GatewaySimulator
 from app.devservers.smtp import SmtpServer
 from app.models import Base
+from app.scratch import alembic_config as alembic_config  # (re-exported for the tests)
+from app.scratch import drop_database as drop_database
+from app.scratch import flush_broker as flush_broker
+from app.scratch import libpq_conninfo as libpq_conninfo
+from app.scratch import recreate_database as recreate_database
 from app.settings import (
     Endpoints,
     get_endpoints,
     get_settings,
     load_settings,
-    redis_client_url,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,35 +65,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.integration)
-
-
-def libpq_conninfo(sqlalchemy_url: str) -> str:
-    """The libpq form of a SQLAlchemy URL, for psycopg connections outside the engine."""
-    return (
-        make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-
-
-def recreate_database(server_url: str, name: str) -> str:
-    """Drop and create database `name` on the server of `server_url`; return its URL."""
-    with psycopg.connect(libpq_conninfo(server_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(server_url: str, name: str) -> None:
-    """Drop database `name` if it exists."""
-    with psycopg.connect(libpq_conninfo(server_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def alembic_config(database_url: str) -> Config:
-    """An Alembic config for the project's migrations, aimed at `database_url`."""
-    config = Config(os.path.join(ROOT, "alembic.ini"))
-    config.attributes["database_url"] = database_url
-    config.attributes["configure_logger"] = False
-    return config
 
 
 def start_services() -> tuple[Services, Callable[[], None]]:
@@ -304,25 +276,12 @@ def run_at_once(call: Callable[[], Any], copies: int = 2) -> list[Any]:
 
 
 def isolated_broker(broker_url: str, db: int) -> str:
-    """The same Redis server, another database: queues no in-process worker consumes."""
-    parts = urlsplit(broker_url)
-    in_use = parts.query.removeprefix("virtual_host=") or parts.path.strip("/") or "0"
-    if str(db) == in_use:
-        raise AssertionError(f"database {db} is the tests' own broker database; pick another")
-    if parts.scheme == "redis+socket":  # (urlunsplit would drop the empty host's "//")
-        return f"{broker_url.split('?')[0]}?virtual_host={db}"
-    if parts.scheme in ("redis", "rediss"):
-        return urlunsplit(parts._replace(path=f"/{db}"))
-    raise pytest.skip.Exception(f"needs a Redis broker, not {parts.scheme}")
-
-
-def flush_broker(broker_url: str) -> None:
-    """Empty the Redis database of `broker_url` (an isolated one, see isolated_broker)."""
-    import redis
-
-    client_url = redis_client_url(broker_url)
-    assert client_url is not None
-    redis.Redis.from_url(client_url).flushdb()
+    """The same Redis server, another database (app.scratch); skips where the broker is not
+    Redis."""
+    try:
+        return scratch.isolated_broker(broker_url, db)
+    except scratch.NotRedis as exc:
+        raise pytest.skip.Exception(str(exc)) from None
 
 
 @contextmanager

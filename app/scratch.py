@@ -1,0 +1,75 @@
+"""Scratch databases and scratch Redis databases, for the tests, the benchmarks and the demo.
+
+A run makes its own PostgreSQL database on the configured server (dropped and created fresh,
+then migrated with Alembic) and uses other databases of the same Redis server for queues that
+no other worker consumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+from app.settings import redis_client_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def libpq_conninfo(sqlalchemy_url: str) -> str:
+    """The libpq form of a SQLAlchemy URL, for psycopg connections outside the engine."""
+    return (
+        make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+
+
+def recreate_database(server_url: str, name: str) -> str:
+    """Drop and create database `name` on the server of `server_url`; return its URL."""
+    with psycopg.connect(libpq_conninfo(server_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database `name` if it exists."""
+    with psycopg.connect(libpq_conninfo(server_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def alembic_config(database_url: str) -> Config:
+    """An Alembic config for the project's migrations, aimed at `database_url`."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+class NotRedis(ValueError):
+    """The broker is not Redis, so it has no numbered databases to isolate queues in."""
+
+
+def isolated_broker(broker_url: str, db: int) -> str:
+    """The same Redis server, another database: queues no in-process worker consumes."""
+    parts = urlsplit(broker_url)
+    in_use = parts.query.removeprefix("virtual_host=") or parts.path.strip("/") or "0"
+    if str(db) == in_use:
+        raise ValueError(f"database {db} is the broker's own database; pick another")
+    if parts.scheme == "redis+socket":  # (urlunsplit would drop the empty host's "//")
+        return f"{broker_url.split('?')[0]}?virtual_host={db}"
+    if parts.scheme in ("redis", "rediss"):
+        return urlunsplit(parts._replace(path=f"/{db}"))
+    raise NotRedis(f"needs a Redis broker, not {parts.scheme}")
+
+
+def flush_broker(broker_url: str) -> None:
+    """Empty the Redis database of `broker_url` (an isolated one, see isolated_broker)."""
+    import redis
+
+    client_url = redis_client_url(broker_url)
+    if client_url is None:
+        raise NotRedis(f"needs a Redis broker, not {urlsplit(broker_url).scheme}")
+    redis.Redis.from_url(client_url).flushdb()
