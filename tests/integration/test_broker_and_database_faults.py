@@ -155,9 +155,7 @@ def audits() -> int:
     return int(scalar(select(func.count()).select_from(InventoryAudit)))
 
 
-def test_a_broker_restart_mid_run_loses_no_job(
-    services: Services, tmp_path: Path
-) -> None:
+def test_a_broker_restart_mid_run_loses_no_job(services: Services, tmp_path: Path) -> None:
     redis_server = OwnRedis(tmp_path)
     redis_server.start()
     product = make_product(inventory=0)
