@@ -7,7 +7,8 @@ import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import cache
+from functools import cache, partial
+from itertools import chain
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from app.jobs.errors import DeserializationError
@@ -42,8 +43,43 @@ Check = Callable[[Any], str | None]
 MAX_ARGUMENT_BYTES = 256 * 1024
 
 
+#: The most characters json.dumps writes for a float, a bool, None, or an int within
+#: +-_SMALL_INT (a float's repr is at most 24 characters; 2**64 has 20 digits).
+_SCALAR_JSON_CHARS = 25
+_SMALL_INT = 2**64
+#: The most characters json.dumps (ensure_ascii) writes per character of a str: 12 for a
+#: character beyond the BMP (a surrogate pair of \uXXXX escapes), 6 for any other.
+_JSON_CHARS_PER_CHAR = 12
+
+
+def _surely_small(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """True if every value is a number, bool, None or str whose JSON (however escaped) cannot
+    reach MAX_ARGUMENT_BYTES in total: such arguments serialize and pass `check_size`, so it
+    need not serialize them. Anything else (containers, objects, huge ints) returns False."""
+    size = 8  # [[], {}]
+    for key in kwargs:
+        if type(key) is not str:
+            return False
+        size += _JSON_CHARS_PER_CHAR * len(key) + 4  # "key": and a separator
+    for value in chain(args, kwargs.values()):
+        kind = type(value)
+        if kind is int:
+            if not -_SMALL_INT < value < _SMALL_INT:
+                return False  # (a huge int may be beyond what int -> str converts)
+            size += _SCALAR_JSON_CHARS + 2
+        elif kind is str:
+            size += _JSON_CHARS_PER_CHAR * len(value) + 4
+        elif kind is float or kind is bool or value is None:
+            size += _SCALAR_JSON_CHARS + 2
+        else:
+            return False
+    return size <= MAX_ARGUMENT_BYTES
+
+
 def check_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
     """Raise DeserializationError if the arguments weigh more than MAX_ARGUMENT_BYTES."""
+    if _surely_small(args, kwargs):
+        return
     try:
         size = len(json.dumps([list(args), dict(kwargs)], default=str))
     except (TypeError, ValueError) as exc:
@@ -69,21 +105,93 @@ def _signature(func: Callable[..., Any]) -> tuple[inspect.Signature, dict[str, A
     return inspect.signature(func), get_type_hints(func, include_extras=True)
 
 
+_BY_POSITION = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@cache
+def _positional(func: Callable[..., Any]) -> tuple[tuple[str, ...], int] | None:
+    """The parameter names of `func` and how many of them are required, when every parameter
+    can be given by position and none is variadic or keyword-only (else None). A call of such
+    a function with positional arguments only binds them to the first names, in order."""
+    names: list[str] = []
+    required = 0
+    for parameter in _signature(func)[0].parameters.values():
+        if parameter.kind not in _BY_POSITION:
+            return None
+        names.append(parameter.name)
+        if parameter.default is inspect.Parameter.empty:
+            required = len(names)  # (defaults come last among positional parameters)
+    return tuple(names), required
+
+
+@cache
+def _checks(func: Callable[..., Any]) -> dict[str, Check]:
+    """`_check` of each annotated parameter of `func`, compiled once."""
+    return {name: _compile(hint) for name, hint in _signature(func)[1].items()}
+
+
 def bind_arguments(
     func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> inspect.BoundArguments:
     """Bind and check `args` / `kwargs` for `func`, or raise DeserializationError."""
-    signature, hints = _signature(func)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise DeserializationError(f"arguments do not fit {signature}: {exc}") from None
+    signature = _signature(func)[0]
+    shape = _positional(func)
+    if not kwargs and shape is not None and shape[1] <= len(args) <= len(shape[0]):
+        # What signature.bind returns for this call, without its general algorithm.
+        bound = inspect.BoundArguments(signature, dict(zip(shape[0], args, strict=False)))
+    else:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise DeserializationError(f"arguments do not fit {signature}: {exc}") from None
+    checks = _checks(func)
     for name, value in bound.arguments.items():
-        if name in hints:
-            problem = _check(value, hints[name])
+        check = checks.get(name)
+        if check is not None:
+            problem = check(value)
             if problem is not None:
                 raise DeserializationError(f"argument {name!r} {problem}")
     return bound
+
+
+def _no_problem(value: Any) -> None:
+    return None
+
+
+def _integer(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    return None if ok else f"must be an integer, got {value!r}"
+
+
+def _check_against(hint: Any, value: Any) -> str | None:
+    return _check(value, hint)
+
+
+def _compile(hint: Any) -> Check:
+    """A function of a value returning what `_check(value, hint)` returns, quicker for the
+    hints of ids (int, Annotated[int, positive], Any); other hints call `_check`."""
+    if hint is Any:
+        return _no_problem
+    origin = get_origin(hint)
+    if origin is Annotated:
+        inner, *metadata = get_args(hint)
+        check_inner = _compile(inner)
+        extra = tuple(check for check in metadata if callable(check))
+
+        def annotated(value: Any) -> str | None:
+            problem = check_inner(value)
+            if problem is not None:
+                return problem
+            for check in extra:
+                found: str | None = check(value)
+                if found is not None:
+                    return found
+            return None
+
+        return annotated
+    if hint is int:
+        return _integer
+    return partial(_check_against, hint)
 
 
 def _check(value: Any, hint: Any) -> str | None:
@@ -131,6 +239,8 @@ def _describe(hint: Any) -> str:
 
 def redact(value: Any, sensitive: Iterable[str] = SENSITIVE_NAMES) -> Any:
     """`value` with sensitive keys' values, at any depth, replaced by [REDACTED]; long text cut."""
+    if type(value) in _SCALARS:  # nothing to redact or cut (the common case: ids)
+        return value
     names = frozenset(sensitive)
     if isinstance(value, Mapping):
         return {
@@ -143,6 +253,9 @@ def redact(value: Any, sensitive: Iterable[str] = SENSITIVE_NAMES) -> Any:
     return value
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def redacted_arguments(
     func: Callable[..., Any],
     args: Sequence[Any],
@@ -151,10 +264,13 @@ def redacted_arguments(
 ) -> dict[str, Any]:
     """The call's arguments by parameter name, sensitive ones redacted; never raises."""
     names = frozenset(sensitive)
+    shape = _positional(func)
     try:
-        arguments: dict[str, Any] = dict(
-            _signature(func)[0].bind_partial(*args, **kwargs).arguments
-        )
+        if not kwargs and shape is not None and len(args) <= len(shape[0]):
+            # What bind_partial gives for this call, without its general algorithm.
+            arguments: dict[str, Any] = dict(zip(shape[0], args, strict=False))
+        else:
+            arguments = dict(_signature(func)[0].bind_partial(*args, **kwargs).arguments)
     except TypeError:
         arguments = {**{f"arg{i}": a for i, a in enumerate(args)}, **dict(kwargs)}
     return redact(arguments, names)  # type: ignore[no-any-return]
