@@ -90,12 +90,16 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "fetch_wait")  # type: ignore[assignment]
     fetch_wait = DEFAULT_FETCH_WAIT
+    #: After Redis refuses a fetch (a full `noeviction` server answers OOM), the seconds before
+    #: the next: the script wrote nothing, so every message is still queued.
+    refused_backoff = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recorded_tag: str | None = None
         self._idle = False  # the last fetch found every queue empty: wait before the next
         self._pending: str | None = None  # "fetch" or "wait": the command whose reply is due
         self._fetch_keys: list[str] = []
+        self._refused_until = 0.0
         super().__init__(*args, **kwargs)
         if not self.ack_emulation:
             raise ValueError("app.broker needs kombu's ack emulation (acks_late relies on it)")
@@ -104,6 +108,8 @@ class Channel(kombu_redis.Channel):
         return f"{self.global_keyprefix}{key}" if self.global_keyprefix else key
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        if time.monotonic() < self._refused_until:
+            return  # nothing is sent; the event loop asks again on a later tick
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -141,6 +147,17 @@ class Channel(kombu_redis.Channel):
                 # As kombu: disconnect, so that the next poll reconnects.
                 self.client.connection.disconnect()
                 raise
+            except self.ResponseError as exc:
+                # Redis refused the command (OOM on a full `noeviction` server, most likely).
+                # kombu's worker would stop on this; the fetch wrote nothing, so wait and retry.
+                self._refused_until = time.monotonic() + self.refused_backoff
+                logger.warning(
+                    "Redis refused to hand out a message (%s); every message stays queued; "
+                    "trying again in %g s",
+                    exc,
+                    self.refused_backoff,
+                )
+                raise virtual.Empty() from None
             if pending != "fetch":  # the wait ended: a message arrived, or the wait timed out
                 self._idle = False
                 raise virtual.Empty()

@@ -18,14 +18,28 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from sqlalchemy import func
+from sqlalchemy import select as sql_select
 
 from app import broker
+from app.models import Product
 from app.settings import redis_client_url
-from tests.integration.conftest import Services, flush_broker, isolated_broker
+from tests.integration.conftest import (
+    ALL_QUEUES,
+    HARNESS_WORKER,
+    Services,
+    celery_process,
+    flush_broker,
+    isolated_broker,
+    worker_env,
+)
+from tests.integration.factories import scalar, wait_until
 from tests.integration.test_broker_and_database_faults import OwnRedis
 
 QUEUES = [Queue(name, Exchange(""), routing_key=name) for name in ("urgent", "default", "low")]
@@ -176,31 +190,100 @@ def test_an_item_that_is_not_a_kombu_message_is_logged_and_skipped(
     assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
 
 
-@pytest.mark.parametrize("transport", [broker.Transport, kombu_redis.Transport])
-def test_a_full_noeviction_redis_refuses_the_fetch_and_keeps_the_message(
-    transport: type, tmp_path: Path
-) -> None:
-    """`maxmemory-policy noeviction` (what the README asks for) refuses writes when full."""
+@pytest.fixture
+def full_redis(tmp_path: Path) -> Iterator[tuple[OwnRedis, redis.Redis]]:
+    """A Redis of the test's own (`maxmemory-policy noeviction`, as the README asks) holding
+    one message; `fill()` below makes it refuse writes."""
     server = OwnRedis(tmp_path)
     server.start()
     try:
         with connect(server.url, broker.Transport) as producer:
             publish(producer, "default", {"job": 1})
-        client = redis.Redis.from_url(server.url)
-        received: list[Any] = []
-        with (
-            connect(server.url, transport) as connection,
-            Consumer(connection, QUEUES, callbacks=[lambda body, m: received.append(body)]),
-        ):
-            client.config_set("maxmemory", int(client.info("memory")["used_memory"]) // 2)
-            with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
-                connection.drain_events(timeout=5)
-            client.config_set("maxmemory", 0)
-        left = counts(server.url)
+        yield server, redis.Redis.from_url(server.url)
     finally:
         server.stop()
-    if transport is broker.Transport:
-        assert left == {"queued": 1, "unacked": 0, "indexed": 0}  # still there for later
-    else:  # kombu's BRPOP took it, then its record was refused: gone
-        assert left == {"queued": 0, "unacked": 0, "indexed": 0}
+
+
+def fill(client: redis.Redis) -> None:
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) // 2)
+
+
+def test_a_full_redis_refuses_the_fetch_the_message_stays_and_the_consumer_carries_on(
+    full_redis: tuple[OwnRedis, redis.Redis], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, client = full_redis
+    received: list[Any] = []
+    with (
+        connect(server.url, broker.Transport) as connection,
+        Consumer(connection, QUEUES, callbacks=[lambda body, m: received.append(body)]),
+        caplog.at_level(logging.WARNING, logger="app.broker"),
+    ):
+        channel: Any = connection.default_channel
+        fill(client)
+        send_fetch = connection.transport.cycle._register_BRPOP
+        send_fetch(channel)  # what the event loop sends
+        assert select.select([channel.client.connection._sock], [], [], 5)[0]
+        with pytest.raises(virtual.Empty):  # not the error: the event loop goes on
+            channel._brpop_read()
+        assert "Redis refused to hand out a message" in caplog.text
+        assert counts_while_full(client) == {"queued": 1, "unacked": 0, "indexed": 0}
+        send_fetch(channel)  # within the back-off: nothing is sent
+        assert not channel._in_poll
+
+        client.config_set("maxmemory", 0)  # room again
+        time.sleep(channel.refused_backoff)
+        connection.drain_events(timeout=5)
+    assert received == [{"job": 1}]
+
+
+def counts_while_full(client: redis.Redis) -> dict[str, int]:
+    # (one by one: a full noeviction Redis refuses MULTI, which counts() pipelines use)
+    return {
+        "queued": sum(int(client.llen(q.name)) for q in QUEUES),
+        "unacked": int(client.hlen("unacked")),
+        "indexed": int(client.zcard("unacked_index")),
+    }
+
+
+def test_kombus_stock_transport_loses_the_message_a_full_redis_would_not_record(
+    full_redis: tuple[OwnRedis, redis.Redis],
+) -> None:
+    server, client = full_redis
+    received: list[Any] = []
+    with (
+        connect(server.url, kombu_redis.Transport) as connection,
+        Consumer(connection, QUEUES, callbacks=[lambda body, m: received.append(body)]),
+    ):
+        fill(client)
+        # BRPOP takes the message; recording it is refused, and the error stops the consumer.
+        with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+            connection.drain_events(timeout=5)
+        assert counts_while_full(client) == {"queued": 0, "unacked": 0, "indexed": 0}
     assert received == []
+
+
+def test_a_worker_facing_a_full_redis_stays_up_and_resumes_when_there_is_room(
+    services: Services, tmp_path: Path
+) -> None:
+    """Redis refuses the fetch script outright while it is full (even with nothing queued);
+    the worker backs off instead of stopping, and takes jobs again once there is room."""
+    server = OwnRedis(tmp_path)
+    server.start()
+    log = tmp_path / "worker.log"
+    try:
+        client = redis.Redis.from_url(server.url)
+        args = [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "1"]
+        with celery_process(args, worker_env(services, server.url), log) as worker:
+            wait_until(lambda: " ready." in log.read_text(), timeout=60)
+            fill(client)
+            wait_until(lambda: log.read_text().count("Redis refused to hand out") >= 3, timeout=30)
+            assert worker.poll() is None, log.read_text()[-2000:]
+            client.config_set("maxmemory", 0)
+            producer = Celery("producer", broker=server.url)
+            producer.send_task("jobs.test_record_sku", args=["after-full"], queue="default")
+            wait_until(
+                lambda: scalar(sql_select(func.count()).select_from(Product)) == 1, timeout=30
+            )
+            assert worker.poll() is None
+    finally:
+        server.stop()
