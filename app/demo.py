@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -115,38 +114,19 @@ def say(message: str) -> None:
 @contextmanager
 def celery_worker(state_dir: Path) -> Iterator[None]:
     """A real worker process, as an operator would start it; stopped with a warm shutdown."""
+    from app.scratch import start_celery, stop_celery
+
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "demo-worker.log"
+    log_path.write_text("")
     say(f"starting `celery -A app worker` (log: {log_path})")
-    with open(log_path, "w") as log:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "app",
-                "worker",
-                "--queues",
-                "urgent,default,low",
-                "--concurrency",
-                "2",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                f"demo-{uuid.uuid4().hex[:6]}@%h",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+    args = ["worker", "--queues", "urgent,default,low", "--concurrency", "2"]
+    hostname = f"demo-{uuid.uuid4().hex[:6]}@%h"
+    worker = start_celery([*args, "--loglevel", "INFO", "--hostname", hostname], log_path)
+    try:
+        yield
+    finally:
+        stop_celery(worker)
 
 
 def seed() -> Seeded:

@@ -1,12 +1,17 @@
-"""Scratch databases and scratch Redis databases, for the tests, the benchmarks and the demo.
+"""Scratch databases, scratch Redis databases and worker processes, for the tests, the
+benchmarks and the demo.
 
 A run makes its own PostgreSQL database on the configured server (dropped and created fresh,
-then migrated with Alembic) and uses other databases of the same Redis server for queues that
-no other worker consumes.
+then migrated with Alembic), uses other databases of the same Redis server for queues that no
+other worker consumes, and starts `celery -A app ...` as child processes.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -73,3 +78,31 @@ def flush_broker(broker_url: str) -> None:
     if client_url is None:
         raise NotRedis(f"needs a Redis broker, not {urlsplit(broker_url).scheme}")
     redis.Redis.from_url(client_url).flushdb()
+
+
+def start_celery(
+    args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`celery -A app ARGS` as a child process in the project's root, its output added to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "app", *args],
+            cwd=ROOT,
+            env=dict(env) if env is not None else None,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_celery(
+    process: subprocess.Popen[bytes], signum: int = signal.SIGTERM, timeout: float = 60
+) -> None:
+    """Send `signum` (SIGTERM: a warm shutdown) and wait; SIGKILL if it has not ended in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

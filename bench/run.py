@@ -33,7 +33,6 @@ import random
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,32 +131,12 @@ def wait_for(
 
 def worker(concurrency: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`celery -A app worker` with the benchmark jobs, as a child process logging to WORKER_LOG."""
+    from app.scratch import start_celery
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(WORKER_LOG, "ab") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "app",
-                "worker",
-                "--include",
-                "bench.tasks",
-                "--queues",
-                "urgent,default,low",
-                "--concurrency",
-                str(concurrency),
-                "--without-mingle",
-                "--without-gossip",
-                "--loglevel",
-                "WARNING",
-            ],
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    args = ["worker", "--include", "bench.tasks", "--queues", "urgent,default,low"]
+    args += ["--concurrency", str(concurrency), "--without-mingle", "--without-gossip"]
+    return start_celery([*args, "--loglevel", "WARNING"], WORKER_LOG, {**os.environ, **(env or {})})
 
 
 def stop_worker(process: subprocess.Popen[bytes], cold: bool = False) -> None:
@@ -166,12 +145,9 @@ def stop_worker(process: subprocess.Popen[bytes], cold: bool = False) -> None:
     Cold is for a worker whose queue still holds work nobody needs (the warm shutdown of a
     worker with a backlog can take half a minute stopping its pool).
     """
-    process.send_signal(signal.SIGQUIT if cold else signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    from app.scratch import stop_celery
+
+    stop_celery(process, signal.SIGQUIT if cold else signal.SIGTERM)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import STDOUT, Popen, TimeoutExpired
+from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -287,24 +287,11 @@ def isolated_broker(broker_url: str, db: int) -> str:
 @contextmanager
 def celery_process(args: list[str], env: dict[str, str], log: Path) -> Iterator[Popen[bytes]]:
     """`celery -A app ARGS` as a child process, logging to `log`; stopped with SIGTERM."""
-    with open(log, "ab") as out:
-        process = Popen(
-            [sys.executable, "-m", "celery", "-A", "app", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=STDOUT,
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=60)
-                except TimeoutExpired:
-                    process.kill()
-                    process.wait()
+    process = scratch.start_celery(args, log, env)
+    try:
+        yield process
+    finally:
+        scratch.stop_celery(process)
 
 
 #: Arguments of a worker subprocess that also runs the harness's jobs.
