@@ -11,7 +11,7 @@ import logging
 from celery.schedules import crontab
 from kombu.entity import Queue
 
-from app import broker
+from app.delivery import transport
 from app.jobs.policies import MAX_RETRY_WAIT
 from app.settings import QUEUES, ConfigError, get_endpoints, get_settings, redis_client_url
 
@@ -23,11 +23,11 @@ except ConfigError as exc:
 
 # Broker and results ------------------------------------------------------------------------
 
-broker_url = _endpoints.broker_url
-# redis://, rediss:// and redis+socket:// use app.broker's transport: kombu's, except that a
-# worker takes a message and records it as unacknowledged in one atomic step, so a worker
-# killed outright, or a Redis that dies, mid-fetch loses nothing (see app/broker.py).
-broker.install()
+# redis://, rediss:// and redis+socket:// use app.delivery's transport, for this app alone:
+# kombu's, except that a worker takes a message and records who holds it in one atomic step,
+# a live worker's heartbeat keeps what it holds, a dead worker's messages go back to their
+# queues within seconds, and no message can stop a worker (see app/delivery/transport.py).
+broker_url, broker_transport = transport.broker_transport(_endpoints.broker_url)
 result_backend = _endpoints.result_backend
 result_expires = 24 * 3600
 broker_connection_retry_on_startup = True
@@ -47,6 +47,9 @@ enable_utc = True
 # Queues ------------------------------------------------------------------------------------
 
 task_queues = [Queue(name, routing_key=name) for name in QUEUES]
+# Celery's own default queue, where `send_task` without a queue and celery-node put jobs: the
+# workers take it as part of `default` (same weight, paused with it), so no job waits there.
+CELERY_DEFAULT_QUEUE_ALIAS = {"default": ("celery",)}
 task_default_queue = "default"  # not Celery's `celery`
 task_default_routing_key = "default"
 task_create_missing_queues = False
@@ -80,16 +83,25 @@ task_reject_on_worker_lost = True
 # and every free process draws the weighted order afresh. Prefetched messages are not yet
 # acknowledged, so they go back to the queue if the worker stops or dies.
 worker_prefetch_multiplier = 1
-# Redis redelivers a message not acknowledged within the visibility timeout (6 hours unless
-# BROKER_VISIBILITY_TIMEOUT says otherwise). It must exceed the longest countdown or ETA any
-# job or retry policy uses (MAX_RETRY_WAIT, 3 hours: a longer wait would be handed to a second
-# worker early, again and again) and the longest run time (the hard time limits below), and it
-# is also how long a job in flight on a worker that was killed outright waits to be redelivered.
+# A worker process beats every second in Redis. When a worker's heartbeat is
+# WORKER_HEARTBEAT_TIMEOUT seconds old (5 by default), any live worker puts what it held back
+# at the head of its queues, so a killed worker's jobs run again within seconds. A live
+# worker's messages are never taken from it, however long its job runs or its ETA waits.
+# A message whose deliveries killed the process holding it POISON_AFTER times (3) goes to the
+# dead-letter store instead of being handed out again.
+# The visibility timeout (6 hours unless BROKER_VISIBILITY_TIMEOUT says otherwise) now only
+# restores records no worker of this transport owns (those of stock kombu clients sharing the
+# Redis); kombu scans for them every 10 s.
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,
     "queue_order_strategy": _QUEUE_ORDER_STRATEGIES[_settings.queue_order],
-    # Look for messages whose worker vanished every 10 s (kombu's default scans every 100 s),
-    # so one comes back within the visibility timeout plus 10 s.
+    "heartbeat_interval": 1.0,
+    "heartbeat_timeout": _settings.heartbeat_timeout,
+    "poison_after": _settings.poison_after,
+    "queue_aliases": CELERY_DEFAULT_QUEUE_ALIAS,
+    # Celery's protocol is checked before the consumer sees a message: one it would raise on
+    # goes to the dead-letter store instead of stopping the worker.
+    "check_tasks": True,
     "unacked_restore_interval": 10,
     "unacked_restore_throttle": 1,
 }

@@ -75,6 +75,8 @@ class Settings:
     queue_depth_interval: float
     beat_redis_url: str | None
     visibility_timeout: float
+    heartbeat_timeout: float
+    poison_after: int
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -232,6 +234,22 @@ def _seconds(name: str, raw: str, default: float) -> float:
     return value
 
 
+def _bounded(name: str, raw: str, default: float, least: float) -> float:
+    value = _seconds(name, raw, default)
+    if value < least:
+        raise ConfigError(name, f"a number of seconds between {least:g} and 86400", raw)
+    return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ConfigError(name, "a whole number from 1 to 1000", raw)
+    return int(raw)
+
+
 def _redis_url(name: str, raw: str) -> str:
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(name, "a redis://, rediss:// or unix:// URL", redact_url(raw))
@@ -293,6 +311,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env.get("BROKER_VISIBILITY_TIMEOUT", "").strip(),
             6 * 3600.0,
         ),
+        heartbeat_timeout=_bounded(
+            "WORKER_HEARTBEAT_TIMEOUT", env.get("WORKER_HEARTBEAT_TIMEOUT", "").strip(), 5.0, 3.0
+        ),
+        poison_after=_count(env, "POISON_AFTER", 3),
     )
 
 

@@ -8,7 +8,8 @@ and `send_task` by name all work. The job layer adds, on Celery's own extension 
 - a queue chosen at enqueue time from the arguments (a router in `task_routes`),
 - start/finish log lines and StatsD metrics around every execution, with around-perform hooks,
 - enqueue after commit: inside an open `session_scope`, publishing waits for the commit,
-- `perform_now`, `perform_later` and `perform_all_later` (one pipelined publish for many).
+- `perform_now`, `perform_later` and `perform_all_later` (app.delivery.bulk publishes many
+  in few round trips).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Any, TypeVar
 
-from celery import Task, signals
-from celery.app import amqp as celery_amqp
+from celery import Task
 from celery.canvas import Signature
 from celery.exceptions import (
     Ignore,
@@ -36,17 +36,10 @@ from celery.exceptions import (
 )
 from celery.result import AsyncResult
 from celery.utils import uuid
-from celery.utils.nodenames import anon_nodename
-from kombu import serialization
-from kombu.entity import Queue
-from kombu.exceptions import BatchPublishError, EncodeError
-from kombu.transport.redis import Channel as RedisChannel
-from kombu.transport.redis import Transport as RedisTransport
-from kombu.utils import json as kombu_json
-from kombu.utils.functional import maybe_evaluate
 
 from app.celery_app import celery_app
 from app.db import after_commit, session_scope
+from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
 from app.jobs import instrumentation
 from app.jobs.arguments import (
     SENSITIVE_NAMES,
@@ -69,8 +62,6 @@ DEFAULT_QUEUE = "default"
 EXECUTIONS_HEADER = "job_executions"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
 CARRIED_HEADERS = (EXECUTIONS_HEADER, CORRELATION_HEADER)
-#: Messages buffered before one round trip to the broker in `perform_all_later`.
-BULK_BATCH_SIZE = 1000
 
 JOB_NAME = re.compile(r"jobs\.[a-z][a-z0-9_]*")
 
@@ -454,7 +445,7 @@ def _deliver(prepared: Sequence[Prepared], producer: Any = None) -> None:
         _publish(prepared[0], producer)
     else:
         with celery_app.producer_or_acquire(producer) as batch_producer:
-            bulk = _BulkPublish.start(batch_producer, prepared)
+            bulk = BulkPublish.start(batch_producer, prepared)
             if bulk is not None:
                 bulk.publish(prepared)
                 return
@@ -465,360 +456,6 @@ def _deliver(prepared: Sequence[Prepared], producer: Any = None) -> None:
             with batch_producer.batch(max_size=BULK_BATCH_SIZE):
                 for item in prepared:
                     _publish(item, batch_producer, declare=[])
-
-
-#: The options (of `Prepared.options`, after `route`) the bulk path builds exactly as
-#: `Task.apply_async` would. A batch with any other option goes through `apply_async`.
-_BULK_OPTIONS = frozenset(
-    {
-        "headers",
-        "argsrepr",
-        "kwargsrepr",
-        "ignore_result",
-        "queue",
-        "priority",
-        "countdown",
-        "eta",
-        "serializer",
-        "time_limit",
-        "soft_time_limit",
-        "retries",
-        "link",  # None only
-        "link_error",  # None only
-        "shadow",  # None only
-    }
-)
-#: A job's own execution options (`Task._get_exec_options`) the bulk path handles.
-_BULK_EXEC_OPTIONS = frozenset(
-    {
-        "queue",
-        "routing_key",  # None only
-        "exchange",  # None only
-        "priority",
-        "expires",  # None only
-        "serializer",
-        "delivery_mode",
-        "compression",  # None only
-        "time_limit",
-        "soft_time_limit",
-        "immediate",
-        "mandatory",
-    }
-)
-
-#: (name, body, headers, routing key) of a message, for after_task_publish.
-_Published = tuple[str, Any, dict[str, Any], str]
-
-
-class _Commands:
-    """The Redis commands kombu's Redis channel adds for a message: its `_put` takes any
-    object with `add(name, *args)` as the publish batch to add them to."""
-
-    __slots__ = ("commands",)
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[str, tuple[Any, ...]]] = []
-
-    def add(self, name: str, *args: Any) -> None:
-        self.commands.append((name, args))
-
-
-class _BulkPublish:
-    """Many jobs to a Redis broker: Celery's messages, kombu's Redis commands, few round trips.
-
-    `Task.apply_async` -> `Celery.send_task` -> `AMQP.send_task_message` -> `Producer.publish`
-    costs 150 to 250 µs a message even inside `Producer.batch`, mostly in work that is the
-    same for every message of a batch (configuration lookups, routing, queue declaration, retry
-    policies, serializer lookup, result objects). This path does that work once per batch and,
-    per message, what those functions do per message, in their order and with their building
-    blocks: `app.amqp.create_task_message` (protocol 2) makes the headers, properties and
-    body; the serializer kombu's registry names for them encodes the body; the channel's
-    `prepare_message` makes the message and its `basic_publish` sets its delivery info and
-    tag and has `_put` choose the list for its queue and priority and encode it; the publish
-    signals are sent when they have receivers. The commands `_put` adds go out in pipelines of
-    BULK_BATCH_SIZE messages, without automatic retry, as kombu's publish batch sends them,
-    the LPUSHes to one list as one LPUSH (which leaves the list as one LPUSH each would).
-
-    `start` returns None, and the caller takes the per-message path, for anything this does
-    not build exactly: another transport, a channel that cannot batch, an option outside
-    `_BULK_OPTIONS`, link callbacks, compression, expiry, a router besides
-    `route_by_queue_as`, a queue on a non-direct exchange, eager mode, sent events.
-    """
-
-    def __init__(self, producer: Any, channel: Any, queues: dict[str, Queue]) -> None:
-        app = celery_app
-        conf = app.conf
-        self.producer = producer
-        self.channel = channel
-        self.queues = queues
-        self.parent = app.current_worker_task  # a job enqueueing jobs, in a worker
-        self.create_task_message = app.amqp.create_task_message
-        self.reply_to = app.thread_oid
-        self.origin = anon_nodename()  # what create_task_message uses when given none
-        self.default_delivery_mode = conf.task_default_delivery_mode
-        self.default_serializer = conf.task_serializer
-        self.retry_policy = conf.task_publish_retry_policy
-        self.inherit_priority = conf.task_inherit_parent_priority
-        self.backend = app.backend
-        self.declared: set[str] = set()
-        self.delivery_modes: dict[tuple[str, Any], Any] = {}
-        self.encoders: dict[str, Callable[[Any], tuple[Any, Any, Any]]] = {}
-
-    @classmethod
-    def start(cls, producer: Any, prepared: Sequence[Prepared]) -> _BulkPublish | None:
-        """A bulk publisher for `prepared` on `producer`, or None if it cannot build them."""
-        app = celery_app
-        conf = app.conf
-        amqp = app.amqp
-        if (
-            conf.task_always_eager
-            or conf.task_protocol != 2
-            or conf.task_send_sent_event
-            or conf.task_compression
-            or producer.compression
-            or type(amqp) is not celery_amqp.AMQP
-            or signals.task_sent.receivers
-            or _publishing_callbacks()
-            or any(maybe_evaluate(r) is not route_by_queue_as for r in amqp.router.routes)
-        ):
-            return None
-        connection = producer.connection
-        if connection is None or not isinstance(connection.transport, RedisTransport):
-            return None
-        if not producer.supports_batch_publish:  # kombu's check: no pipeline is retried
-            return None
-        channel = producer.channel
-        if not isinstance(channel, RedisChannel) or not channel.supports_batch_publish:
-            return None
-        queues: dict[str, Queue] = {}
-        jobs: set[int] = set()
-        for item in prepared:
-            options = item.options
-            queue = options.get("queue")
-            if (
-                not options.keys() <= _BULK_OPTIONS
-                or options.get("link")
-                or options.get("link_error")
-                or options.get("shadow")
-                or not isinstance(queue, str)
-            ):
-                return None
-            if queue not in queues:
-                found = amqp.router.expand_destination(queue)["queue"]  # or QueueNotFound
-                if found.exchange.type != "direct" or found.name != queue:
-                    return None
-                queues[queue] = found
-            if id(item.job) not in jobs:
-                if not _bulk_job(item.job):
-                    return None
-                jobs.add(id(item.job))
-        return cls(producer, channel, queues)
-
-    def publish(self, prepared: Sequence[Prepared]) -> None:
-        """Build and push every message, BULK_BATCH_SIZE messages a round trip."""
-        commands = _Commands()
-        published: list[_Published] = []
-        count = 0
-        for item in prepared:
-            self._put(item, commands, published)
-            count += 1
-            if count == BULK_BATCH_SIZE:
-                self._flush(commands, published)
-                commands, published, count = _Commands(), [], 0
-        if count:
-            self._flush(commands, published)
-
-    def _put(self, item: Prepared, commands: _Commands, published: list[_Published]) -> None:
-        job, args, kwargs, task_id = item.job, item.args, item.kwargs, item.task_id
-        name = job.name
-        # Task.apply_async
-        options = dict(item.options)
-        options.pop("link", None)
-        options.pop("link_error", None)
-        shadow = options.pop("shadow", None)
-        if job.typing:
-            check_arguments = getattr(job, "__header__", None)
-            if check_arguments is not None:
-                check_arguments(*args, **kwargs)
-        shadow = shadow or job.shadow_name(args, kwargs, options)
-        options = dict(job._get_exec_options(), **options)
-        options.setdefault("ignore_result", job.ignore_result)
-        # Celery.send_task
-        countdown = options.pop("countdown", None)
-        eta = options.pop("eta", None)
-        retries = options.pop("retries", 0)
-        time_limit = options.pop("time_limit", None)
-        soft_time_limit = options.pop("soft_time_limit", None)
-        expires = options.pop("expires", None)
-        ignore_result = options.pop("ignore_result", None)
-        # The router: route_by_queue_as keeps the queue chosen; the name becomes its Queue.
-        queue = self.queues[options.pop("queue")]
-        options["queue"] = queue
-        root_id = parent_id = None
-        parent = self.parent
-        if parent:
-            root_id = parent.request.root_id or parent.request.id
-            parent_id = parent.request.id
-            if self.inherit_priority:
-                options.setdefault("priority", parent.request.delivery_info.get("priority"))
-        headers, properties, body, _ = self.create_task_message(
-            task_id,
-            name,
-            args,
-            kwargs,
-            countdown,
-            eta,
-            None,  # group_id
-            None,  # group_index
-            expires,
-            retries,
-            None,  # chord
-            None,  # link
-            None,  # link_error
-            self.reply_to,
-            time_limit,
-            soft_time_limit,
-            False,  # create_sent_event
-            root_id,
-            parent_id,
-            shadow,
-            None,  # chain
-            ignore_result=ignore_result,
-            replaced_task_nesting=0,
-            origin=self.origin,
-            **options,
-        )
-        if not ignore_result:
-            with self.producer.connection._reraise_as_library_errors():
-                self.backend.on_task_call(self.producer, task_id)
-        if parent:  # add_to_parent
-            result = job.AsyncResult(task_id)
-            result.ignored = ignore_result
-            parent.add_trail(result)
-        # AMQP.send_task_message: a direct exchange and no exchange given, so the anonymous
-        # exchange and the queue's name as routing key.
-        options.pop("exchange", None)
-        options.pop("routing_key", None)
-        options.pop("queue")
-        serializer = options.pop("serializer", None)
-        delivery_mode = options.pop("delivery_mode", None)
-        options.pop("compression", None)
-        extra_headers = options.pop("headers", None)
-        if extra_headers:
-            headers.update(extra_headers)
-        if options:
-            properties.update(options)
-        routing_key = queue.name
-        if routing_key not in self.declared:  # once per batch, before its first message
-            self.producer.maybe_declare(queue)
-            self.declared.add(routing_key)
-        if signals.before_task_publish.receivers:
-            signals.before_task_publish.send(
-                sender=name,
-                body=body,
-                exchange="",
-                routing_key=routing_key,
-                declare=[queue],
-                headers=headers,
-                properties=properties,
-                retry_policy=dict(self.retry_policy),
-            )
-        # Producer.publish
-        properties = dict(properties)
-        priority = properties.pop("priority", 0)
-        properties.pop("mandatory", None)
-        properties.pop("immediate", None)
-        properties["delivery_mode"] = self._delivery_mode(queue, delivery_mode)
-        content_type, content_encoding, payload = self._encoder(
-            serializer or self.default_serializer
-        )(body)
-        message = self.channel.prepare_message(
-            payload, priority, content_type, content_encoding, headers, properties
-        )
-        self.channel.basic_publish(message, "", routing_key, _publish_batch=commands)
-        if signals.after_task_publish.receivers:
-            published.append((name, body, headers, routing_key))
-
-    def _delivery_mode(self, queue: Queue, delivery_mode: Any) -> Any:
-        key = (queue.name, delivery_mode)
-        found = self.delivery_modes.get(key)
-        if found is None:
-            if delivery_mode is None:
-                delivery_mode = queue.exchange.delivery_mode or self.default_delivery_mode
-            # Producer.publish: no exchange given ("" here), so the producer's own.
-            _, found = self.producer._delivery_details(self.producer.exchange, delivery_mode)
-            self.delivery_modes[key] = found
-        return found
-
-    def _encoder(self, serializer: str) -> Callable[[Any], tuple[Any, Any, Any]]:
-        """kombu.serialization.dumps for `serializer`, with the registry looked up once."""
-        encoder = self.encoders.get(serializer)
-        if encoder is None:
-            encoder = self.encoders[serializer] = _body_encoder(serializer)
-        return encoder
-
-    def _flush(self, commands: _Commands, published: list[_Published]) -> None:
-        buffered = commands.commands
-        with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            if all(name == "lpush" and len(args) == 2 for name, args in buffered):
-                values: dict[Any, list[Any]] = {}
-                for _, (key, value) in buffered:
-                    listed = values.get(key)
-                    if listed is None:
-                        values[key] = [value]
-                    else:
-                        listed.append(value)
-                for key, listed in values.items():
-                    pipe.lpush(key, *listed)
-            else:  # other commands too (a queue with an expiry): one by one, in kombu's order
-                for name, args in buffered:
-                    getattr(pipe, name)(*args)
-            try:
-                pipe.execute()
-            except Exception as exc:  # as kombu's PublishBatch.flush
-                raise BatchPublishError(
-                    "Redis publish batch failed; delivery is uncertain"
-                ) from exc
-        for name, body, headers, routing_key in published:
-            signals.after_task_publish.send(
-                sender=name, body=body, headers=headers, exchange="", routing_key=routing_key
-            )
-
-
-def _body_encoder(serializer: str) -> Callable[[Any], tuple[Any, Any, Any]]:
-    """What kombu.serialization.dumps(body, serializer) does for each body, looked up once."""
-    codec = serialization.registry._encoders.get(serializer) if serializer != "raw" else None
-    if codec is None or codec.encoder is not kombu_json.dumps:
-        return partial(serialization.dumps, serializer=serializer)
-    # kombu's json encoder is json.dumps(body, cls=kombu's JSONEncoder): one encoder will do.
-    content_type, content_encoding = codec.content_type, codec.content_encoding
-    encode = kombu_json.JSONEncoder().encode
-
-    def encoded(body: Any) -> tuple[Any, Any, Any]:
-        try:
-            return content_type, content_encoding, encode(body)
-        except Exception as exc:  # as kombu.serialization.dumps
-            raise EncodeError(exc) from exc
-
-    return encoded
-
-
-def _publishing_callbacks() -> bool:
-    """Whether Celery is publishing a finished task's callbacks (it retries each on its own)."""
-    flag = getattr(celery_amqp, "_callback_publish_retry", None)
-    return bool(flag is not None and flag.get())
-
-
-def _bulk_job(job: Job) -> bool:
-    """Whether the bulk path builds this job's messages as its `apply_async` would."""
-    options = job._get_exec_options()
-    return bool(
-        not job.__v2_compat__
-        and getattr(job, "_dump_pydantic_arguments", None) is None
-        and not (job.soft_time_limit and job.time_limit and job.soft_time_limit > job.time_limit)
-        and options.keys() <= _BULK_EXEC_OPTIONS
-        and not any(options.get(k) for k in ("routing_key", "exchange", "expires", "compression"))
-    )
 
 
 def job(

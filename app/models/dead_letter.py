@@ -10,11 +10,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, one_of, primary_key
 
-DEAD_LETTER_REASONS = ("exhausted", "unhandled", "time_limit")
+#: exhausted, unhandled and time_limit are jobs that ran; malformed is a message that could not
+#: become a job; poison is one whose deliveries kept killing the worker that held it.
+DEAD_LETTER_REASONS = ("exhausted", "unhandled", "time_limit", "malformed", "poison")
 
 
 class DeadLetter(Base):
-    """A job that exhausted its retries, failed in a way no policy covers, or ran out of time."""
+    """A job that failed for good, or a message that could not run (see DEAD_LETTER_REASONS)."""
 
     __tablename__ = "dead_letters"
     __table_args__ = (one_of("reason", DEAD_LETTER_REASONS), Index(None, "failed_at"))
@@ -33,3 +35,5 @@ class DeadLetter(Base):
     attempts: Mapped[int | None]
     enqueued_at: Mapped[dt.datetime | None]
     failed_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+    #: The message as the broker held it (truncated), for messages that never became a job.
+    raw_message: Mapped[str | None] = mapped_column(Text)

@@ -44,6 +44,7 @@ class Failure:
     traceback: str | None
     attempts: int | None
     enqueued_at: dt.datetime | None
+    raw_message: str | None = None
 
 
 def record(session: Session, failure: Failure) -> int:
@@ -61,6 +62,7 @@ def record(session: Session, failure: Failure) -> int:
         traceback=failure.traceback,
         attempts=failure.attempts,
         enqueued_at=failure.enqueued_at,
+        raw_message=failure.raw_message,
     )
     session.add(entry)
     session.flush()

@@ -1,4 +1,4 @@
-"""perform_all_later's bulk path (app.jobs.base._BulkPublish) on a real Redis and worker.
+"""perform_all_later's bulk path (app.delivery.bulk.BulkPublish) on a real Redis and worker.
 
 A message the bulk path publishes must mean exactly what `Task.apply_async` publishes for the
 same job: the same body, headers, properties, delivery info and Redis list. Each test here
@@ -25,6 +25,7 @@ from celery._state import pop_current_task, push_current_task
 from celery.worker import WorkController
 
 from app import celery
+from app.delivery import bulk
 from app.jobs import base
 from app.jobs.arguments import RowId
 from app.jobs.base import Prepared, job, perform_all_later
@@ -115,18 +116,18 @@ def prepare(
 def bulk_path_only() -> Iterator[list[int]]:
     """Fail if any message goes through apply_async; count bulk batches published."""
     batches: list[int] = []
-    bulk = base._BulkPublish.publish
+    publish = bulk.BulkPublish.publish
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the bulk path fell back to apply_async")
 
-    def counting(self: base._BulkPublish, prepared: Any) -> None:
+    def counting(self: bulk.BulkPublish, prepared: Any) -> None:
         batches.append(len(prepared))
-        bulk(self, prepared)
+        publish(self, prepared)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(base, "_publish", refuse)
-        patch.setattr(base._BulkPublish, "publish", counting)
+        patch.setattr(bulk.BulkPublish, "publish", counting)
         yield batches
 
 
@@ -324,7 +325,7 @@ def test_more_messages_than_one_pipeline_keep_their_order_per_queue(
     bulk_broker: str, producer: Any
 ) -> None:
     calls: list[Call] = [
-        (compared, (n,), {"note": str(n)}, {}) for n in range(1, 2 * base.BULK_BATCH_SIZE + 8)
+        (compared, (n,), {"note": str(n)}, {}) for n in range(1, 2 * bulk.BULK_BATCH_SIZE + 8)
     ]
     with bulk_path_only() as batches:
         base._deliver(prepare(calls), producer)
@@ -357,8 +358,8 @@ def test_what_the_bulk_path_does_not_build_goes_through_apply_async(
     prepared = prepare([(compared, (n,), {}, {}) for n in (1, 2)] + [(compared, (3,), {}, options)])
     for item in prepared:
         item.route()
-    assert base._BulkPublish.start(producer, prepared) is None
-    assert base._BulkPublish.start(producer, prepared[:2]) is not None
+    assert bulk.BulkPublish.start(producer, prepared) is None
+    assert bulk.BulkPublish.start(producer, prepared[:2]) is not None
 
 
 def test_a_transport_other_than_redis_takes_apply_async() -> None:
@@ -367,7 +368,7 @@ def test_a_transport_other_than_redis_takes_apply_async() -> None:
         item.route()
     with celery.connection_for_write("memory://") as connection:
         memory = celery.amqp.Producer(connection, auto_declare=False)
-        assert base._BulkPublish.start(memory, prepared) is None
+        assert bulk.BulkPublish.start(memory, prepared) is None
 
 
 def test_a_worker_runs_the_jobs_the_bulk_path_enqueued(worker: WorkController) -> None:

@@ -1,0 +1,213 @@
+"""The Lua scripts of the delivery path. Redis runs each as one unit, and persists and
+replicates its writes together, so no crash or restart can leave half of a step done.
+
+The records (all keys under the channel's key prefix):
+
+- kombu's own `unacked` hash (tag -> `[message, exchange, routing key]`) and its index (tag ->
+  time), so that kombu's acknowledgement, restore and a stock kombu worker keep working. The
+  exchange is always "" and the routing key the queue the message was taken from: a restore
+  puts it back on that queue, never on every queue its exchange is bound to.
+- `jobs_service:inflight` (tag -> `[worker, list key, delivery counter key, suffix length]`):
+  who holds the delivery and where it came from.
+- `jobs_service:held:<worker>`: the tags one worker holds, for its recovery.
+- `jobs_service:workers`: each worker's last heartbeat, in Redis's own clock.
+- `jobs_service:deliveries:<sha1 of the message>`: how many times the message was handed out
+  without being acknowledged or requeued by a warm shutdown; past the poison limit it is not
+  handed out again.
+- `jobs_service:rejected`: messages taken out of circulation (malformed, poison) waiting to be
+  written to the dead-letter store, each as `<JSON header>\\n<raw message>`.
+- `jobs_service:paused`: the names of paused queues.
+
+The message itself is never decoded and encoded again: every restore pushes back the bytes the
+producer sent (the `unacked` record is `[` + message + a suffix of known length).
+"""
+
+from __future__ import annotations
+
+#: KEYS: unacked, unacked index, inflight, held set, workers, rejected, paused, queue lists...
+#: ARGV: index time (the client's clock, as kombu's records), delivery tag, worker id, poison
+#: limit (deliveries allowed without an acknowledgement), delivery counter prefix, counter TTL,
+#: then per queue list: the queue name it is delivered as, "1" if its consumer acknowledges.
+#: Returns false when every unpaused queue is empty, else {position of the list, message, what
+#: happened}: 1 recorded, 0 handed out unrecorded (a no_ack consumer), 2 rejected (not a JSON
+#: object), 3 rejected (poison). The message is popped last: Redis keeps a script's earlier
+#: writes when a later command fails (a full `noeviction` server refuses ZADD and HSET, never
+#: RPOP), so a failed record leaves the message in its queue.
+FETCH = """
+local queues = #KEYS - 7
+for i = 1, queues do
+  local key = KEYS[7 + i]
+  local queue = ARGV[5 + 2 * i]
+  if redis.call('SISMEMBER', KEYS[7], queue) == 0 then
+    local item = redis.call('LINDEX', key, -1)
+    if item then
+      if ARGV[6 + 2 * i] ~= '1' then
+        redis.call('RPOP', key)
+        return {i, item, 0}
+      end
+      local ok, message = pcall(cjson.decode, item)
+      if not (ok and type(message) == 'table') then
+        redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = ARGV[2],
+          reason = 'not a JSON object'}) .. '\\n' .. item)
+        redis.call('RPOP', key)
+        return {i, item, 2}
+      end
+      local counter = ARGV[5] .. redis.sha1hex(item)
+      local deliveries = redis.call('INCR', counter)
+      if deliveries > tonumber(ARGV[4]) then
+        redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = ARGV[2],
+          reason = 'poison', deaths = deliveries - 1}) .. '\\n' .. item)
+        redis.call('DEL', counter)
+        redis.call('RPOP', key)
+        return {i, item, 3}
+      end
+      redis.call('EXPIRE', counter, ARGV[6])
+      local suffix = ',"",' .. cjson.encode(queue) .. ']'
+      redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+      redis.call('HSET', KEYS[1], ARGV[2], '[' .. item .. suffix)
+      redis.call('HSET', KEYS[3], ARGV[2], cjson.encode({ARGV[3], key, counter, #suffix}))
+      redis.call('SADD', KEYS[4], ARGV[2])
+      local now = redis.call('TIME')
+      redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[3])
+      redis.call('RPOP', key)
+      return {i, item, 1}
+    end
+  end
+end
+return false
+"""
+
+#: Ends a delivery this transport recorded.
+#: KEYS: unacked, unacked index, inflight. ARGV: tag, how ("ack"; "head" or "tail": put the
+#: message back at that end of its queue), "1" if it is not to count as a death (a warm
+#: shutdown), held-set prefix.
+#: Returns 0 when the records were gone: another worker recovered the message meanwhile.
+SETTLE = """
+local info = redis.call('HGET', KEYS[3], ARGV[1])
+if not info then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+local held = cjson.decode(info)
+if ARGV[2] == 'ack' then
+  redis.call('DEL', held[3])
+else
+  local record = redis.call('HGET', KEYS[1], ARGV[1])
+  if record then
+    local item = string.sub(record, 2, #record - held[4])
+    if ARGV[2] == 'head' then
+      redis.call('RPUSH', held[2], item)
+    else
+      redis.call('LPUSH', held[2], item)
+    end
+  end
+  if ARGV[3] == '1' and redis.call('DECR', held[3]) <= 0 then
+    redis.call('DEL', held[3])
+  end
+end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', ARGV[4] .. held[1], ARGV[1])
+return 1
+"""
+
+#: Takes a recorded delivery out of circulation, to the rejected list.
+#: KEYS: unacked, unacked index, inflight, rejected. ARGV: tag, JSON header, held-set prefix.
+#: Returns 0 when the records were gone.
+QUARANTINE = """
+local info = redis.call('HGET', KEYS[3], ARGV[1])
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not (info and record) then
+  return 0
+end
+local held = cjson.decode(info)
+redis.call('LPUSH', KEYS[4], ARGV[2] .. '\\n' .. string.sub(record, 2, #record - held[4]))
+redis.call('DEL', held[3])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', ARGV[3] .. held[1], ARGV[1])
+return 1
+"""
+
+#: A worker's heartbeat, in Redis's clock. KEYS: workers, the worker's info key.
+#: ARGV: worker id, info (JSON: host, pid, queues), info TTL.
+#: Returns 1 when the worker was not registered (new, or found dead and recovered meanwhile).
+HEARTBEAT = """
+local now = redis.call('TIME')
+local added = redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return added
+"""
+
+#: Forgets a worker that stopped and holds nothing. KEYS: workers, its held set, its info key.
+#: ARGV: worker id. A worker that still holds messages is left to lapse and be recovered.
+RETIRE = """
+if redis.call('SCARD', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[3])
+  return 1
+end
+return 0
+"""
+
+#: Puts back what workers whose heartbeat lapsed held, at the head of the queues it came from,
+#: and forgets those workers. KEYS: workers, inflight, unacked, unacked index.
+#: ARGV: seconds without a heartbeat that make a worker dead, held-set prefix, info prefix,
+#: most workers to recover in one call.
+#: Returns {worker, messages put back, ...}.
+RECOVER = """
+local now = redis.call('TIME')
+local ceil = now[1] + now[2] / 1000000 - tonumber(ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ceil, 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, worker in ipairs(dead) do
+  local held = ARGV[2] .. worker
+  local restored = 0
+  for _, tag in ipairs(redis.call('SMEMBERS', held)) do
+    local info = redis.call('HGET', KEYS[2], tag)
+    if info then
+      local record = redis.call('HGET', KEYS[3], tag)
+      local h = cjson.decode(info)
+      if record then
+        redis.call('RPUSH', h[2], string.sub(record, 2, #record - h[4]))
+        restored = restored + 1
+      end
+      redis.call('HDEL', KEYS[2], tag)
+    end
+    redis.call('HDEL', KEYS[3], tag)
+    redis.call('ZREM', KEYS[4], tag)
+  end
+  redis.call('DEL', held, ARGV[3] .. worker)
+  redis.call('ZREM', KEYS[1], worker)
+  table.insert(out, worker)
+  table.insert(out, restored)
+end
+return out
+"""
+
+#: kombu's visibility-timeout scan, narrowed to the records no live worker owns.
+#: KEYS: unacked index, inflight, workers. ARGV: ceiling time, how many, now (client clock).
+#: A record this transport made is left to its owner's heartbeat: its index time is reset so
+#: it leaves the scan window, and an owner unknown to the heartbeat set is entered there as
+#: long dead, so that the next recovery takes its messages back. Returns the other tags (records
+#: of stock kombu clients), for kombu's own restore.
+VISIBLE = """
+local tags = redis.call('ZRANGE', KEYS[1], ARGV[1], 0, 'BYSCORE', 'REV', 'LIMIT', 0, ARGV[2])
+local unowned = {}
+for _, tag in ipairs(tags) do
+  local info = redis.call('HGET', KEYS[2], tag)
+  if info then
+    redis.call('ZADD', KEYS[1], ARGV[3], tag)
+    local owner = cjson.decode(info)[1]
+    if not redis.call('ZSCORE', KEYS[3], owner) then
+      redis.call('ZADD', KEYS[3], 0, owner)
+    end
+  else
+    table.insert(unowned, tag)
+  end
+end
+return unowned
+"""

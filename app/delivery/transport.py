@@ -1,0 +1,468 @@
+"""kombu's Redis transport, with a delivery path that loses nothing and that no message stops.
+
+What it changes in kombu's Redis channel (`kombu.transport.redis`):
+
+- **Atomic fetch.** kombu takes a message with `BRPOP` and records it as unacknowledged with a
+  second command; a worker killed between the two loses the message. Here one Lua script
+  (`scripts.FETCH`) reads the message from the first non-empty queue of the channel's order
+  (weighted, round robin or strict), records it and pops it last. When every queue is empty the
+  channel waits with `BLMOVE q q RIGHT RIGHT`, which blocks until the first queue of the order
+  has a message and leaves it where it was; a message arriving on another queue of an idle
+  worker waits at most `fetch_wait` seconds (0.1 s). Under load there is no waiting.
+- **Recovery by heartbeat.** The record names the worker process that holds the delivery
+  (`jobs_service:inflight`, `jobs_service:held:<worker>`). Each worker process beats every
+  `heartbeat_interval` seconds; when a worker's beat is `heartbeat_timeout` seconds old, any
+  live worker puts what it held back at the head of the queues it came from, in one script
+  (`app.delivery.heartbeat`). kombu's visibility-timeout restore skips every record a worker of
+  this transport owns, so a live worker's message is never taken from it however long its job
+  runs or its ETA waits; it stays the recovery of records written by stock kombu clients.
+- **A tag per delivery.** Every delivery gets a delivery tag of its own (`<worker>.<n>`),
+  whatever tag the producer wrote: a producer that gives every message the same tag
+  (celery-ts) cannot make deliveries overwrite each other's records.
+- **No message stops a worker.** An item that is not a JSON object, an envelope kombu cannot
+  read and (with `check_tasks`) a message Celery's request parser would raise on are taken out
+  of circulation in one script and dead-lettered (`app.delivery.rejected`), with the reason and
+  their raw bytes; so is any message whose handling raises into the event loop anyway.
+- **Poison messages.** A message handed out `poison_after` times (3) without being acknowledged,
+  each time ended by the death of the worker or pool process holding it, is dead-lettered
+  instead of being handed out a fourth time.
+- **Only what will be acknowledged is recorded.** A `no_ack` consumer (the reply queues that
+  `celery inspect` reads) gets its message popped, not recorded.
+- **Pausing and aliases.** A queue in `jobs_service:paused` is skipped by every worker's next
+  fetch. `queue_aliases` lets a consumed queue also take the lists of other names (the
+  `celery` queue is consumed as `default`).
+
+Everything else is kombu's: the message format, publishing, acknowledgement bookkeeping, the
+warm-shutdown requeue, `basic_get`. Producers need nothing, and a stock kombu worker can share
+the Redis.
+
+Differences from kombu's own Redis integration tests (kombu 5.7's sdist,
+`t/integration/test_redis.py`, run with this transport swapped in):
+
+- The tests that assert a `BRPOP` stays outstanding across `drain_events` calls
+  (`test_half_open_connection_dropped_by_drain_events`, `test_hub_pauses_pending_brpop_until_ack`,
+  `test_drain_events_resumes_pending_brpop_without_resending`) rest on kombu's blocking fetch.
+  This transport fetches with a script that returns at once and waits with a `BLMOVE` of at most
+  `fetch_wait` seconds, so no command is outstanding between two polls for long; a half-open
+  connection is dropped by the same socket timeout, and a late message is delivered by the next
+  fetch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from app.delivery import heartbeat, scripts
+from app.delivery.envelope import envelope_problem, task_problem
+from app.delivery.records import Keys
+
+#: How long an idle channel blocks on its first queue before looking at all of them again.
+DEFAULT_FETCH_WAIT = 0.1
+#: How long a delivery counter outlives its last delivery (it is deleted on acknowledgement).
+DELIVERY_COUNTER_TTL = 14 * 24 * 3600
+
+logger = logging.getLogger(__name__)
+
+_RECORDED, _UNRECORDED, _NOT_JSON, _POISON = 1, 0, 2, 3
+
+
+def worker_id() -> str:
+    """This process's name in the heartbeat records (new in every process, forked or not)."""
+    global _WORKER_ID, _WORKER_PID
+    if os.getpid() != _WORKER_PID:
+        _WORKER_PID = os.getpid()
+        _WORKER_ID = f"{socket.gethostname()}.{_WORKER_PID}.{uuid.uuid4().hex[:8]}"
+    return _WORKER_ID
+
+
+_WORKER_ID = ""
+_WORKER_PID = -1
+_TAGS = itertools.count(1)
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's acknowledgement emulation; deliveries the fetch script recorded end in a script."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owned: set[str] = set()  # tags FETCH recorded for this channel
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        channel: Channel = self.channel
+        if channel._recorded_tag is not None and channel._recorded_tag == delivery_tag:
+            channel._recorded_tag = None
+            self._owned.add(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # the in-memory bookkeeping only
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if delivery_tag in self._owned:
+            self._owned.discard(delivery_tag)
+            self.channel._settle(delivery_tag, "ack")
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if delivery_tag in self._owned:
+            # A requeue after the process running it died (reject_on_worker_lost) goes to
+            # the back of its queue, as kombu's does, and counts towards the poison limit.
+            self._owned.discard(delivery_tag)
+            self.channel._settle(delivery_tag, "tail" if requeue else "ack")
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().reject(delivery_tag, requeue=requeue)
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        tag = bytes_to_str(tag)
+        if tag in self._owned:  # the warm-shutdown requeue: back at the head, not a death
+            self._owned.discard(tag)
+            self.channel._settle(tag, "tail" if leftmost else "head", graceful=True)
+        else:
+            super().restore_by_tag(tag, client, leftmost)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """kombu's visibility-timeout restore, for records no worker of this transport owns."""
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        channel: Channel = self.channel
+        keys = channel.keys
+        with channel.conn_or_acquire() as client:
+            try:
+                with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    unowned = channel._script(scripts.VISIBLE)(
+                        keys=[
+                            channel._prefixed(self.unacked_index_key),
+                            keys.inflight,
+                            keys.workers,
+                        ],
+                        args=[time.time() - self.visibility_timeout, num or -1, time.time()],
+                    )
+                    for tag in unowned or []:
+                        kombu_redis.QoS.restore_by_tag(self, tag, client)
+            except kombu_redis.MutexHeld:
+                pass
+            except redis.ResponseError as exc:  # a full `noeviction` Redis: try on the next scan
+                logger.warning("Redis refused the visibility-timeout scan: %s", exc)
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with the delivery path described in this module's docstring."""
+
+    QoS = QoS
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "fetch_wait",
+        "heartbeat_interval",
+        "heartbeat_timeout",
+        "poison_after",
+        "queue_aliases",
+        "check_tasks",
+    )
+    fetch_wait = DEFAULT_FETCH_WAIT
+    #: Seconds between a worker's heartbeats, and without one before it counts as dead.
+    heartbeat_interval = heartbeat.DEFAULT_INTERVAL
+    heartbeat_timeout = heartbeat.DEFAULT_TIMEOUT
+    #: Deliveries ended by the holder's death before a message is dead-lettered as poison.
+    poison_after = 3
+    #: {queue consumed: (other list names taken as that queue)}.
+    queue_aliases: dict[str, tuple[str, ...]] = {}  # noqa: RUF012  (a kombu transport option)
+    #: Check Celery's protocol before delivering (celeryconfig turns it on for the workers).
+    check_tasks = False
+    #: After Redis refuses a fetch (a full `noeviction` server answers OOM), the seconds before
+    #: the next: the script wrote nothing, so every message is still queued.
+    refused_backoff = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._recorded_tag: str | None = None
+        self._idle = False  # the last fetch found every queue empty: wait before the next
+        self._pending: str | None = None  # "fetch" or "wait": the command whose reply is due
+        self._fetch_keys: list[tuple[str, str]] = []  # (list key, queue delivered as)
+        self._refused_until = 0.0
+        self._fetch_sha: str | None = None
+        self._delivery_tag = ""  # the tag the pending fetch records its message under
+        self._scripts: dict[str, Any] = {}
+        self._heartbeat: heartbeat.Heartbeat | None = None
+        self._noack_queues: set[str] = set()  # popped, never recorded: nothing will ack them
+        #: This channel's name in the heartbeat records: each consuming channel is a worker.
+        self.worker = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:10]}"
+        super().__init__(*args, **kwargs)
+        if not self.ack_emulation:
+            raise ValueError("app.delivery needs kombu's ack emulation (acks_late relies on it)")
+        self.keys = Keys(self.global_keyprefix or "")
+        self.queue_aliases = {q: tuple(names) for q, names in dict(self.queue_aliases).items()}
+
+    def _prefixed(self, key: str) -> str:
+        return f"{self.global_keyprefix}{key}" if self.global_keyprefix else key
+
+    # Scripts ---------------------------------------------------------------------------------
+
+    @property
+    def plain_client(self) -> redis.Redis:
+        """A redis-py client on the channel's pool that prefixes nothing (scripts name keys)."""
+        client = self.__dict__.get("_plain_client")
+        if client is None:
+            client = self.__dict__["_plain_client"] = redis.Redis(connection_pool=self.pool)
+        return client
+
+    def _script(self, source: str) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.plain_client.register_script(source)
+        return script
+
+    def _settle(self, tag: str, how: str, graceful: bool = False) -> None:
+        keys = self.keys
+        found = self._script(scripts.SETTLE)(
+            keys=[
+                self._prefixed(self.unacked_key),
+                self._prefixed(self.unacked_index_key),
+                keys.inflight,
+            ],
+            args=[tag, how, "1" if graceful else "0", keys.held("")],
+        )
+        if not found and how == "ack":
+            logger.warning(
+                "delivery %s was acknowledged after it had been taken back from this worker "
+                "(its heartbeat had lapsed); the job may have run twice",
+                tag,
+            )
+
+    def quarantine(self, tag: str, queue: str, reason: str) -> None:
+        """Take the recorded delivery `tag` out of circulation, for the dead-letter store."""
+        header = heartbeat.rejected_header(queue, tag, reason)
+        self._script(scripts.QUARANTINE)(
+            keys=[
+                self._prefixed(self.unacked_key),
+                self._prefixed(self.unacked_index_key),
+                self.keys.inflight,
+                self.keys.rejected,
+            ],
+            args=[tag, header, self.keys.held("")],
+        )
+        logger.error(
+            "message on queue %r taken out of circulation for the dead-letter store: %s",
+            queue,
+            reason,
+            extra={"event": "rejected_message", "queue": queue, "reason": reason},
+        )
+        if self._heartbeat is not None:
+            self._heartbeat.wake()
+
+    # Fetching --------------------------------------------------------------------------------
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._noack_queues.add(queue)
+        else:
+            self._noack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def _agent(self) -> heartbeat.Heartbeat:
+        if self._heartbeat is None:
+            self._heartbeat = heartbeat.for_channel(self)
+        return self._heartbeat
+
+    def _fetch_order(self) -> list[tuple[str, str]]:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        return [
+            (self._q_for_pri(name, pri), queue)
+            for pri in self.priority_steps
+            for queue in queues
+            for name in (queue, *self.queue_aliases.get(queue, ()))
+        ]
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if time.monotonic() < self._refused_until:
+            return  # nothing is sent; the event loop asks again on a later tick
+        order = self._fetch_order()
+        if not order:
+            return
+        agent = self._agent()
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
+        if self._idle:
+            wait = min(self.fetch_wait, timeout if timeout is not None else self.brpop_timeout)
+            paused = agent.paused
+            first = next((key for key, queue in order if queue not in paused), None)
+            key = self._prefixed(first) if first is not None else self.keys.idle
+            self._pending = "wait"
+            connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", wait)
+            return
+        self._fetch_keys = order
+        self._pending = "fetch"
+        if self._fetch_sha is None:
+            self._fetch_sha = self.plain_client.script_load(scripts.FETCH)
+        keys = self.keys
+        noack = self._noack_queues
+        queue_args: list[str] = []
+        for _, queue in order:
+            queue_args += [queue, "0" if queue in noack else "1"]
+        self._delivery_tag = f"{self.worker}.{next(_TAGS)}"
+        connection.send_command(
+            "EVALSHA",
+            self._fetch_sha,
+            7 + len(order),
+            self._prefixed(self.unacked_key),
+            self._prefixed(self.unacked_index_key),
+            keys.inflight,
+            keys.held(self.worker),
+            keys.workers,
+            keys.rejected,
+            keys.paused,
+            *(self._prefixed(key) for key, _ in order),
+            repr(time.time()),
+            self._delivery_tag,
+            self.worker,
+            self.poison_after,
+            keys.deliveries,
+            DELIVERY_COUNTER_TTL,
+            *queue_args,
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            pending = self._pending
+            self._pending = None
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "EVALSHA" if pending == "fetch" else "BLMOVE", **options
+                )
+            except self.connection_errors:
+                # As kombu: disconnect, so that the next poll reconnects.
+                self.client.connection.disconnect()
+                raise
+            except self.ResponseError as exc:
+                if str(exc).startswith("NOSCRIPT"):  # Redis restarted: load the script again
+                    self._fetch_sha = None
+                    raise virtual.Empty() from None
+                # Redis refused the command (OOM on a full `noeviction` server, most likely).
+                # kombu's worker would stop on this; the fetch wrote nothing, so wait and retry.
+                self._refused_until = time.monotonic() + self.refused_backoff
+                logger.warning(
+                    "Redis refused to hand out a message (%s); every message stays queued; "
+                    "trying again in %g s",
+                    exc,
+                    self.refused_backoff,
+                )
+                raise virtual.Empty() from None
+            if pending != "fetch":  # the wait ended: a message arrived, or the wait timed out
+                self._idle = False
+                raise virtual.Empty()
+            if not reply:
+                self._idle = True
+                raise virtual.Empty()
+            self._idle = False
+            position, item, outcome = reply
+            _, queue = self._fetch_keys[int(position) - 1]
+            self._queue_cycle.rotate(queue)
+            self._take(item, queue, int(outcome))
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+
+    def _take(self, item: bytes, queue: str, outcome: int) -> None:
+        """Deliver what the fetch script handed out, or account for it."""
+        tag = self._delivery_tag
+        if outcome in (_NOT_JSON, _POISON):
+            what = "is not a JSON object" if outcome == _NOT_JSON else "kept killing its worker"
+            logger.error(
+                "message on queue %r %s; taken out of circulation for the dead-letter store: %r",
+                queue,
+                what,
+                bytes(item[:200]),
+                extra={"event": "rejected_message", "queue": queue},
+            )
+            self._agent().wake()
+            raise virtual.Empty()
+        try:
+            payload = loads(bytes_to_str(item))
+        except (ValueError, TypeError, UnicodeDecodeError):
+            payload = None
+        problem = envelope_problem(payload)
+        if problem is None and self.check_tasks:
+            problem = task_problem(payload, self._known_task)
+        if problem is not None:
+            if outcome == _RECORDED:
+                self.quarantine(tag, queue, problem)
+            else:  # a no_ack consumer's queue (pidbox replies): nothing to keep
+                logger.error("dropped a message on queue %r: %s", queue, problem)
+            raise virtual.Empty()
+        properties = payload["properties"]
+        properties["delivery_tag"] = tag
+        info = properties.get("delivery_info") or {}
+        properties["delivery_info"] = {
+            **info,
+            "exchange": info.get("exchange") if isinstance(info.get("exchange"), str) else "",
+            "routing_key": queue,
+        }
+        if outcome != _RECORDED:
+            self.connection._deliver(payload, queue)
+            return
+        self._recorded_tag = tag
+        try:
+            self.connection._deliver(payload, queue)
+        except self.connection_errors:
+            raise
+        except Exception as exc:
+            # Whatever kombu or Celery raised on this message would stop the worker; the
+            # message goes to the dead-letter store instead.
+            logger.exception("handling a message on queue %r raised", queue)
+            self.qos._owned.discard(tag)
+            self.quarantine(tag, queue, f"the consumer raised {type(exc).__name__}: {exc}")
+            self.qos._delivered.pop(tag, None)
+        finally:
+            self._recorded_tag = None
+
+    @staticmethod
+    def _known_task(name: str) -> bool:
+        from celery import current_app
+
+        return name in current_app.tasks
+
+    def close(self) -> None:
+        agent, self._heartbeat = self._heartbeat, None
+        super().close()
+        if agent is not None:
+            agent.release(self)
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with the delivery path of `Channel`."""
+
+    Channel = Channel
+
+
+#: The path Celery's `broker_transport` setting names this transport by.
+TRANSPORT = f"{__name__}:Transport"
+
+
+def broker_transport(broker_url: str) -> tuple[str, str | None]:
+    """The broker URL and `broker_transport` for this app: this transport for Redis URLs.
+
+    Only this app's connections use it: nothing global in kombu changes. kombu reads a
+    `redis+socket://` URL's transport from its scheme, so that URL is given as the
+    `socket://` URL kombu's Redis transport takes it to be.
+    """
+    scheme = broker_url.split("://", 1)[0]
+    if scheme in ("redis", "rediss"):
+        return broker_url, TRANSPORT
+    if scheme == "redis+socket":
+        return broker_url.removeprefix("redis+"), TRANSPORT
+    return broker_url, None
