@@ -2,9 +2,10 @@
 
     jobs-service enqueue JOB [ARGS_JSON] [--kwargs JSON] [--queue Q] [--count N]
     jobs-service import CSV_PATH             import products, showing progress
-    jobs-service queues                      depths and the oldest job's age per queue
+    jobs-service queues                      depth, oldest age, paused, consumers per queue
+    jobs-service queues pause|resume QUEUE   stop or restart taking jobs from QUEUE
     jobs-service schedule                    the beat schedule with next run times
-    jobs-service health                      exits 1 when no worker answers
+    jobs-service health                      exits 1 when no worker answers or jobs are stranded
     jobs-service dead-letters list|show|retry|discard
 
 Output is a readable table by default and JSON with `--json`. Arguments holding personal or
@@ -166,24 +167,106 @@ def import_command(csv_path: Path, wait: bool, timeout: float, as_json: bool) ->
     sys.exit(0 if status == "completed" else 1)
 
 
-@main.command("queues")
+@main.group("queues", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-def queues_command(as_json: bool) -> None:
-    """How many jobs wait in each queue, and for how long the oldest has waited."""
-    from app.queues import queue_depths
+@click.pass_context
+def queues_group(context: click.Context, as_json: bool) -> None:
+    """Each queue: jobs waiting, the oldest's age, paused or not, live workers taking it.
 
+    A queue holding jobs that no live worker takes is flagged "stranded", with a warning
+    (`jobs-service health` then exits 1).
+    """
+    if context.invoked_subcommand is not None:
+        return
+    from app.queues import queue_states
+
+    states = _broker_call(queue_states)
     rows = [
         {
-            "queue": d.queue,
-            "depth": d.depth,
-            "oldest_age_seconds": None if d.oldest_age is None else round(d.oldest_age, 1),
+            "queue": state.queue,
+            "depth": state.depth,
+            "oldest_age_seconds": None if state.oldest_age is None else round(state.oldest_age, 1),
+            "paused": state.paused,
+            "consumers": state.consumers,
+            "stranded": state.stranded,
         }
-        for d in queue_depths()
+        for state in states
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(_table(rows, ["queue", "depth", "oldest_age_seconds"]))
+        click.echo(
+            _table(
+                rows, ["queue", "depth", "oldest_age_seconds", "paused", "consumers", "stranded"]
+            )
+        )
+        for state in states:
+            if state.stranded:
+                click.echo(
+                    f"warning: {state.depth} job(s) wait in {state.queue!r} and no live worker "
+                    "takes that queue",
+                    err=True,
+                )
+
+
+@queues_group.command("pause")
+@click.argument("queue")
+def pause_command(queue: str) -> None:
+    """Stop every worker taking jobs from QUEUE (running jobs finish; nothing is lost)."""
+    from app.delivery import records
+
+    changed = _broker_call(lambda: records.pause(*_paused_store(queue)))
+    click.echo(f"{queue}: paused" + ("" if changed else " (it already was)"))
+
+
+@queues_group.command("resume")
+@click.argument("queue")
+def resume_command(queue: str) -> None:
+    """Let workers take jobs from QUEUE again."""
+    from app.delivery import records
+
+    changed = _broker_call(lambda: records.resume(*_paused_store(queue)))
+    click.echo(f"{queue}: resumed" + ("" if changed else " (it was not paused)"))
+
+
+def _paused_store(queue: str) -> tuple[Any, str, str]:
+    """The Redis client, queue name and key prefix for pausing; exit 2 on a bad name."""
+    from app.settings import QUEUES
+
+    known = (*QUEUES, "celery")
+    if queue not in known:
+        _fail(f"unknown queue {queue!r}: expected one of {', '.join(known)}")
+    client, prefix = _broker_redis()
+    return client, queue, prefix
+
+
+def _broker_redis() -> tuple[Any, str]:
+    """A redis-py client on the broker, and the key prefix; exit 2 when it is not Redis."""
+    import redis
+
+    from app import celery
+    from app.settings import get_endpoints, redis_client_url
+
+    url = redis_client_url(get_endpoints().broker_url)
+    if url is None:
+        _fail("pausing needs a Redis broker (RabbitMQ has no such switch here)")
+    prefix = str((celery.conf.broker_transport_options or {}).get("global_keyprefix") or "")
+    return redis.Redis.from_url(url), prefix
+
+
+def _broker_call(call: Any) -> Any:
+    """`call()`, with a one-line error and exit 2 when the broker cannot be reached."""
+    try:
+        return call()
+    except SystemExit:
+        raise
+    except Exception as exc:
+        from kombu.exceptions import OperationalError
+        from redis import RedisError
+
+        if isinstance(exc, RedisError | OperationalError | OSError):
+            _fail(f"cannot reach the broker: {type(exc).__name__}: {exc}")
+        raise
 
 
 @main.command("schedule")
@@ -254,13 +337,33 @@ def health_command(timeout: float, as_json: bool) -> None:
     except Exception as exc:  # the broker itself is unreachable
         replies, error = [], f"{type(exc).__name__}: {exc}"
     workers = sorted(name for reply in replies for name in reply)
+    stranded: list[dict[str, Any]] = []
+    if error is None:
+        from app.queues import queue_states
+
+        try:
+            stranded = [{"queue": s.queue, "depth": s.depth} for s in queue_states() if s.stranded]
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    healthy = bool(workers) and not stranded
     if as_json:
-        click.echo(json.dumps({"healthy": bool(workers), "workers": workers, "error": error}))
-    elif workers:
+        click.echo(
+            json.dumps(
+                {"healthy": healthy, "workers": workers, "stranded": stranded, "error": error}
+            )
+        )
+    elif healthy:
         click.echo(f"ok: {len(workers)} worker(s) answered: {', '.join(workers)}")
     else:
-        click.echo("unhealthy: no worker answered" + (f" ({error})" if error else ""), err=True)
-    sys.exit(0 if workers else 1)
+        if not workers:
+            click.echo("unhealthy: no worker answered" + (f" ({error})" if error else ""), err=True)
+        for queue in stranded:
+            click.echo(
+                f"unhealthy: {queue['depth']} job(s) wait in {queue['queue']!r} and no live "
+                "worker takes that queue",
+                err=True,
+            )
+    sys.exit(0 if healthy else 1)
 
 
 @main.group("dead-letters")

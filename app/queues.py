@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.celery_app import celery_app
-from app.settings import QUEUES
+from app.delivery import records
+from app.settings import QUEUES, get_settings
 
 #: The message header the job layer stamps with the enqueue time (app.jobs.base).
 ENQUEUED_AT_HEADER = "job_enqueued_at"
@@ -21,6 +22,57 @@ class QueueDepth:
     queue: str
     depth: int
     oldest_age: float | None  # seconds; None when empty or unknown (no header, RabbitMQ)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What an operator sees of one queue: backlog, pause, and whether any worker takes it."""
+
+    queue: str
+    depth: int
+    oldest_age: float | None
+    paused: bool
+    consumers: int | None  # live workers taking from it; None where it cannot be known
+
+    @property
+    def stranded(self) -> bool:
+        """Jobs wait here and no live worker takes this queue."""
+        return self.depth > 0 and self.consumers == 0
+
+
+def queue_states() -> list[QueueState]:
+    """Every queue holding jobs or served by the service, with its pause and consumer count.
+
+    On Redis that is the service's queues, Celery's default `celery` queue, and any other list
+    a producer pushed to (found with SCAN); consumers come from the workers' heartbeats.
+    """
+    with celery_app.connection_for_read() as connection:
+        channel = connection.default_channel
+        if getattr(channel, "client", None) is None or not hasattr(channel, "keys"):
+            return [QueueState(d.queue, d.depth, d.oldest_age, False, None) for d in queue_depths()]
+        client = channel.plain_client
+        prefix = channel.keys.prefix
+        found = dict.fromkeys([*QUEUES, "celery"])
+        for key in client.scan_iter(match=f"{prefix}*", _type="list", count=1000):
+            name = bytes(key).decode(errors="replace").removeprefix(prefix)
+            name = name.split(channel.sep, 1)[0]  # a priority list belongs to its queue
+            if not (name.startswith(records.NAMESPACE) or "pidbox" in name):
+                found[name] = None
+        lapse = get_settings().heartbeat_timeout
+        live = [w for w in records.workers(client, prefix) if w.last_beat < lapse]
+        paused = records.paused(client, prefix)
+        depths = {d.queue: d for d in queue_depths(tuple(found))}
+        return [
+            QueueState(
+                queue=name,
+                depth=depths[name].depth,
+                oldest_age=depths[name].oldest_age,
+                paused=name in paused,
+                consumers=sum(1 for w in live if name in w.queues),
+            )
+            for name in found
+            if name in QUEUES or depths[name].depth
+        ]
 
 
 def queue_depths(queues: tuple[str, ...] = QUEUES) -> list[QueueDepth]:
