@@ -71,7 +71,7 @@ def queue_states() -> list[QueueState]:
                 consumers=sum(1 for w in live if name in w.queues),
             )
             for name in found
-            if name in QUEUES or depths[name].depth
+            if name in QUEUES or name == "celery" or depths[name].depth
         ]
 
 

@@ -396,7 +396,7 @@ class Channel(kombu_redis.Channel):
         except (ValueError, TypeError, UnicodeDecodeError):
             payload = None
         problem = envelope_problem(payload)
-        if problem is None and self.check_tasks:
+        if problem is None and self.check_tasks and outcome == _RECORDED:  # not pidbox replies
             problem = task_problem(payload, self._known_task)
         if problem is not None:
             if outcome == _RECORDED:

@@ -100,3 +100,14 @@ def slow_record(sku: str, seconds: float) -> int:
     """Work for `seconds`, then insert a product named `sku`."""
     time.sleep(seconds)
     return int(create_product.run(sku, 0))
+
+
+@job("jobs.test_kill_my_process")
+def kill_my_process(token: str) -> None:
+    """Die outright in the process running the job, as a segfault or the OOM killer would."""
+    import os
+    import signal
+
+    EXECUTIONS.append({"token": token, "pid": os.getpid()})
+    print(f"kill_my_process {token} in {os.getpid()}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)

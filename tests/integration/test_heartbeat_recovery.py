@@ -1,0 +1,209 @@
+"""Recovery by heartbeat, with the default settings: a killed worker's jobs run again within
+seconds, a live worker's jobs are never taken from it, and a message that keeps killing the
+process holding it is dead-lettered instead of being handed out forever.
+
+The default visibility timeout is six hours, so within these tests only the heartbeat can
+bring a message back. Each worker is a process group of its own, killed outright.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import redis
+from celery import Celery
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.models import DeadLetter, Product
+from app.settings import redis_client_url
+from tests.integration.conftest import Services, flush_broker, isolated_broker, worker_env
+from tests.integration.factories import scalar, wait_until
+from tests.integration.test_worker_crash import CrashingWorker
+
+DB = 14
+
+
+def producer_for(broker: str) -> Celery:
+    producer = Celery("producer", broker=broker)
+    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    return producer
+
+
+def client_for(broker: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_client_url(broker) or "")
+
+
+def product_count(sku: str) -> int:
+    return int(scalar(select(func.count()).select_from(Product).where(Product.sku == sku)))
+
+
+def held(client: redis.Redis) -> int:
+    """Deliveries recorded as held by some worker."""
+    return int(client.hlen("jobs_service:inflight"))
+
+
+def started_lines(log: Path, task_id: str) -> int:
+    return log.read_text().count(f"job started jobs.test_slow_record[{task_id}]")
+
+
+def ready(log: Path, starts: int = 1) -> None:
+    wait_until(lambda: log.read_text().count(" ready.") >= starts, timeout=60)
+
+
+def test_a_killed_workers_job_runs_again_on_a_live_worker_within_seconds(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    victim = CrashingWorker(worker_env(services, broker), tmp_path / "victim.log")
+    survivor = CrashingWorker(worker_env(services, broker), tmp_path / "survivor.log")
+    try:
+        victim.start()
+        ready(victim.log)
+        producer_for(broker).send_task(
+            "jobs.test_slow_record", args=["held-by-victim", 4], queue="default"
+        )
+        wait_until(lambda: held(client) == 1, timeout=30)
+        survivor.start()
+        ready(survivor.log)
+        victim.crash()
+        killed = time.monotonic()
+        wait_until(lambda: product_count("held-by-victim") == 1, timeout=60)
+        print(f"the killed worker's job ran again {time.monotonic() - killed - 4:.1f} s after")
+    finally:
+        victim.stop()
+        survivor.stop()
+    assert "recovered 1 message(s) held by worker" in survivor.log.read_text()
+    assert product_count("held-by-victim") == 1
+    assert held(client) == 0 and int(client.hlen("unacked")) == 0
+
+
+def test_a_killed_workers_job_runs_again_when_a_replacement_starts(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    worker = CrashingWorker(worker_env(services, broker), tmp_path / "worker.log")
+    try:
+        worker.start()
+        ready(worker.log)
+        producer_for(broker).send_task(
+            "jobs.test_slow_record", args=["held-when-killed", 4], queue="default"
+        )
+        wait_until(lambda: held(client) == 1, timeout=30)
+        worker.crash()  # no other worker runs
+        worker.start()  # the replacement, at once, as a supervisor would start it
+        wait_until(lambda: product_count("held-when-killed") == 1, timeout=60)
+    finally:
+        worker.stop()
+    assert product_count("held-when-killed") == 1
+    assert "recovered 1 message(s) held by worker" in worker.log.read_text()
+
+
+def test_a_live_workers_long_job_is_never_taken_from_it(services: Services, tmp_path: Path) -> None:
+    """A job running far longer than the visibility timeout starts once, with a second
+    worker idle beside it (before heartbeats, kombu's restore handed it to the second)."""
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    env = worker_env(services, broker, BROKER_VISIBILITY_TIMEOUT="2")
+    first = CrashingWorker(env, tmp_path / "first.log")
+    second = CrashingWorker(env, tmp_path / "second.log")
+    try:
+        first.start()
+        ready(first.log)
+        result = producer_for(broker).send_task(
+            "jobs.test_slow_record", args=["long-job", 16], queue="default"
+        )
+        wait_until(lambda: started_lines(first.log, result.id) == 1, timeout=30)
+        second.start()
+        wait_until(lambda: product_count("long-job") == 1, timeout=60)
+        time.sleep(3)  # a second start would show by now
+    finally:
+        first.stop()
+        second.stop()
+    assert started_lines(first.log, result.id) + started_lines(second.log, result.id) == 1
+    assert product_count("long-job") == 1
+
+
+def test_a_message_that_keeps_killing_its_process_is_dead_lettered_as_poison(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    worker = CrashingWorker(worker_env(services, broker), tmp_path / "worker.log")
+    producer = producer_for(broker)
+    try:
+        worker.start()
+        ready(worker.log)
+        poison = producer.send_task("jobs.test_kill_my_process", args=["p1"], queue="default")
+        wait_until(lambda: scalar(select(func.count()).select_from(DeadLetter)), timeout=90)
+        # The worker is still up and runs the next job.
+        producer.send_task("jobs.test_record_sku", args=["after-poison"], queue="default")
+        wait_until(lambda: product_count("after-poison") == 1, timeout=30)
+        assert worker.process is not None and worker.process.poll() is None
+    finally:
+        worker.stop()
+    with session_scope() as session:
+        [entry] = session.scalars(select(DeadLetter))
+        assert (entry.reason, entry.task_id, entry.job_name, entry.args) == (
+            "poison",
+            poison.id,
+            "jobs.test_kill_my_process",
+            ["p1"],
+        )
+        assert entry.attempts == 3 and entry.raw_message and poison.id in entry.raw_message
+    # It killed the pool process three times, then was not handed out again.
+    assert worker.log.read_text().count("kill_my_process p1 in") == 3
+    assert int(client.llen("default")) == 0 and held(client) == 0
+    assert not client.keys("jobs_service:deliveries:*")
+
+
+def test_messages_sharing_one_delivery_tag_survive_a_warm_shutdown(
+    services: Services, tmp_path: Path
+) -> None:
+    """celery-ts gives every message the delivery tag "celery"; each delivery gets its own."""
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    producer = producer_for(broker)
+    with producer.connection_for_write() as connection:
+        for i in range(20):
+            producer.send_task(
+                "jobs.test_slow_record",
+                args=[f"same-tag-{i}", 0.3],
+                queue="default",
+                connection=connection,
+            )
+    # Rewrite each queued envelope's tag as celery-ts sends it.
+    raw = client.lrange("default", 0, -1)
+    client.delete("default")
+    for item in raw:
+        envelope = json.loads(item)
+        envelope["properties"]["delivery_tag"] = "celery"
+        client.rpush("default", json.dumps(envelope))
+    first = CrashingWorker(worker_env(services, broker), tmp_path / "first.log")
+    try:
+        first.start()
+        wait_until(lambda: product_count("same-tag-0") + product_count("same-tag-19") >= 1)
+        first.stop()  # SIGTERM: a warm shutdown
+        first.start()
+        wait_until(
+            lambda: (
+                scalar(
+                    select(func.count()).select_from(Product).where(Product.sku.like("same-tag-%"))
+                )
+                == 20
+            ),
+            timeout=60,
+        )
+    finally:
+        first.stop()
+    for i in range(20):
+        assert product_count(f"same-tag-{i}") == 1
+    assert held(client) == 0 and int(client.hlen("unacked")) == 0
