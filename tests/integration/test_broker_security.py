@@ -137,5 +137,5 @@ def test_a_tls_broker_through_rediss(services: Services, tmp_path: Path) -> None
         log = run_one_job(services, redis_server.url, tmp_path)
     finally:
         redis_server.stop()
-    assert "Connected to rediss://:**@127.0.0.1" in log
+    assert "Connected to app.delivery.transport:Transport://:**@127.0.0.1" in log
     assert PASSWORD not in log

@@ -23,6 +23,7 @@ import redis
 from celery import signals
 from celery._state import pop_current_task, push_current_task
 from celery.worker import WorkController
+from kombu.connection import Connection
 
 from app import celery
 from app.delivery import bulk
@@ -366,7 +367,8 @@ def test_a_transport_other_than_redis_takes_apply_async() -> None:
     prepared = prepare([(compared, (n,), {}, {}) for n in (1, 2)])
     for item in prepared:
         item.route()
-    with celery.connection_for_write("memory://") as connection:
+    # (kombu's Connection: the app's own would bring celeryconfig's broker_transport along)
+    with Connection("memory://") as connection:
         memory = celery.amqp.Producer(connection, auto_declare=False)
         assert bulk.BulkPublish.start(memory, prepared) is None
 

@@ -1,14 +1,17 @@
 """Nothing lost, nothing doubled: workers whose processes are killed again and again.
 
-A worker runs as a process group of its own, with a short visibility timeout so that what a
-killed worker held comes back within seconds, over a few thousand mixed jobs.
+A worker runs as a process group of its own, with the default settings (a six-hour visibility
+timeout: only the heartbeat can bring a killed worker's messages back within the test), over
+3,000 mixed jobs.
 
 - Pool children SIGKILLed: Celery requeues their job (reject_on_worker_lost); every effect
   happens exactly once.
-- Whole workers SIGKILLed: what they held is restored from Redis's unacked set by the next
-  worker. Nothing is lost and nothing is doubled: app.broker takes a message and records it
-  as unacknowledged in one step, so there is no instant at which a killed worker holds a
-  message Redis has forgotten (test_atomic_fetch.py places a kill at exactly that instant).
+- Whole workers SIGKILLed, five times, once with a second worker alive throughout and once
+  with none: when the killed worker's heartbeat lapses, a live worker (the other one, or the
+  replacement started at once) puts what it held back at the head of its queues. Nothing is
+  lost and nothing is doubled: app.delivery takes a message and records who holds it in one
+  step, so there is no instant at which a killed worker holds a message Redis has forgotten
+  (test_atomic_fetch.py places a kill at exactly that instant).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import redis
 from celery import Celery
 from sqlalchemy import func, select
@@ -51,8 +55,7 @@ from tests.integration.factories import (
     wait_until,
 )
 
-HOT_CHANGES, ORDERS, PAYMENTS, EMAILS = 2200, 60, 80, 150
-VISIBILITY = 8
+HOT_CHANGES, ORDERS, PAYMENTS, EMAILS = 2710, 60, 80, 150
 
 
 class CrashingWorker:
@@ -160,16 +163,20 @@ def enqueue_mixed_jobs(broker: str) -> Scenario:
     return Scenario(hot, changes, stock, orders, payments)
 
 
-def run_with_kills(services: Services, broker: str, steps: list[str], log: Path) -> Counter[str]:
-    """Run a worker, apply the kill steps 2.5 s apart, then let a last worker drain it all."""
-    worker = CrashingWorker(
-        worker_env(services, broker, BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY)), log
-    )
+def run_with_kills(
+    services: Services, broker: str, steps: list[str], log: Path, companion: bool = False
+) -> Counter[str]:
+    """Run a worker (and a `companion` never killed), apply the kill steps 2.5 s apart, then
+    kill the worker once more, start its replacement at once and let it all drain."""
+    worker = CrashingWorker(worker_env(services, broker), log)
+    other = CrashingWorker(worker_env(services, broker), log.with_name("companion.log"))
     kills = Counter[str]()
     client = redis.Redis.from_url(redis_client_url(broker) or "")
     _last_progress.clear()
     try:
         worker.start()
+        if companion:
+            other.start()
         time.sleep(4)
         for step in steps:
             if step == "child" and worker.kill_a_child():
@@ -182,11 +189,11 @@ def run_with_kills(services: Services, broker: str, steps: list[str], log: Path)
         if kills["whole worker"]:
             worker.crash()
             kills["whole worker"] += 1
-            time.sleep(VISIBILITY + 1)  # what the dead workers held is now due back
             worker.start()
         wait_until(lambda: settled(client), timeout=180, every=1.0)
     finally:
         worker.stop()
+        other.stop()
     return kills
 
 
@@ -259,24 +266,38 @@ def test_killed_pool_processes_lose_nothing_and_double_nothing(
         assert reload(Product, product).inventory == expected
 
 
+@pytest.mark.parametrize("companion", [True, False], ids=["another-worker-alive", "alone"])
 def test_killed_whole_workers_lose_nothing_and_double_nothing(
-    services: Services, smtp: SmtpServer, gateway: GatewaySimulator, tmp_path: Path
+    services: Services,
+    smtp: SmtpServer,
+    gateway: GatewaySimulator,
+    tmp_path: Path,
+    companion: bool,
 ) -> None:
     broker = isolated_broker(services.broker_url, 7)
     flush_broker(broker)
     scenario = enqueue_mixed_jobs(broker)
+    assert scenario.expected >= 3000
 
-    kills = run_with_kills(
-        services, broker, ["child", "crash", "child", "crash"], tmp_path / "worker.log"
+    steps = ["child", "crash", "crash", "child", "crash", "crash"]
+    kills = run_with_kills(services, broker, steps, tmp_path / "worker.log", companion)
+
+    assert kills == Counter({"pool child": 2, "whole worker": 5})
+    logs = [tmp_path / "worker.log", tmp_path / "companion.log"]
+    recovered = sum(
+        int(line.split("recovered ", 1)[1].split(" ", 1)[0])
+        for log in logs
+        if log.exists()
+        for line in log.read_text().splitlines()
+        if "message(s) held by worker" in line
     )
-
-    assert kills == Counter({"pool child": 2, "whole worker": 3})
     done = effects(scenario, smtp, gateway)
     lost = scenario.expected - sum(done.values())
     print(
-        f"kills: {dict(kills)}; took effect: {done}; lost: {lost}; "
-        f"emails received {len(smtp.messages)}; gateway requests {gateway.requests}"
+        f"kills: {dict(kills)}; recovered by heartbeat: {recovered}; took effect: {done}; "
+        f"lost: {lost}; emails received {len(smtp.messages)}; gateway requests {gateway.requests}"
     )
+    assert recovered > 0  # what the killed workers held came back through their heartbeats
     assert lost == 0
 
 

@@ -1,0 +1,141 @@
+"""app.delivery.envelope: what reaches Celery's consumer is a message it can make a request of.
+
+Messages that Celery itself builds pass; each shape that made Celery's consumer raise (and
+stop the worker), or that it would refuse only after taking the message, is named with its
+reason. The property-based test in tests/integration/test_hostile_fuzz.py runs a real worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import pytest
+from kombu.transport.virtual import Channel
+
+from app import celery
+from app.delivery.envelope import describe, envelope_problem, task_problem
+
+
+def known(name: str) -> bool:
+    return name in {"jobs.process_order", "jobs.update_inventory"}
+
+
+def envelope(protocol: int = 2, **options: Any) -> dict[str, Any]:
+    """A message exactly as Celery and kombu put it in Redis."""
+    headers, properties, body, _ = celery.amqp.create_task_message(
+        "a-task-id", "jobs.process_order", (42,), {}, **options
+    )
+    if protocol == 1:
+        headers = {}
+        body = {"task": "jobs.process_order", "id": "a-task-id", "args": [42], "kwargs": {}}
+    encoded = base64.b64encode(json.dumps(body).encode()).decode()
+    return {
+        "body": encoded,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            **properties,
+            "body_encoding": "base64",
+            "delivery_tag": "tag",
+            "delivery_info": {"exchange": "", "routing_key": "default"},
+            "priority": 0,
+        },
+    }
+
+
+def with_body(message: dict[str, Any], body: Any) -> dict[str, Any]:
+    message = copy.deepcopy(message)
+    message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    return message
+
+
+def changed(path: str, value: Any) -> dict[str, Any]:
+    message = envelope()
+    *parents, last = path.split(".")
+    target = message
+    for name in parents:
+        target = target[name]
+    if value is DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return message
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_celerys_own_messages_pass(protocol: int) -> None:
+    assert task_problem(envelope(protocol), known) is None
+    assert task_problem(envelope(2, countdown=30, expires=60, retries=2), known) is None
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ([1, 2, 3], "the envelope is a JSON array, not an object"),
+        (changed("properties", None), "properties is missing"),
+        (changed("properties.delivery_info", "x"), "delivery_info is string"),
+        (changed("properties.body_encoding", "rot13"), "is not base64"),
+        (changed("headers", [1]), "headers is array"),
+        (changed("body", 5), "body is number"),
+    ],
+)
+def test_envelopes_kombu_cannot_read_are_named(message: Any, reason: str) -> None:
+    problem = envelope_problem(message)
+    assert problem is not None and reason in problem
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (changed("headers.id", DELETE), "id is missing, not a task id"),
+        (changed("headers.id", 7), "id is number"),
+        (changed("headers.task", "jobs.drop_tables"), "no job is registered as 'jobs.drop_tables'"),
+        (changed("headers.eta", "next tuesday"), "is not an ISO 8601 time"),
+        (changed("headers.expires", 5), "expires is number"),
+        (changed("headers.retries", "3"), "retries is '3'"),
+        (changed("headers.timelimit", [1]), "timelimit is [1]"),
+        (changed("headers.timelimit", ["a", None]), "timelimit holds 'a'"),
+        (changed("headers.argsrepr", {}), "argsrepr is object"),
+        (changed("headers.job_executions", {"x": "y"}), "job_executions"),
+        (changed("content-type", "application/x-python-serialize"), "is not accepted"),
+        (changed("body", "bm90IGpzb24="), "the body is not JSON"),
+        (changed("body", "***"), "not valid base64"),
+        (with_body(envelope(), [[42], {}]), "[args, kwargs, embed]"),
+        (with_body(envelope(), {"a": 1}), "[args, kwargs, embed]"),
+        (with_body(envelope(), ["args", {}, {}]), "args is string"),
+        (with_body(envelope(), [[42], [], {}]), "kwargs is array"),
+        (with_body(envelope(), [[42], {}, []]), "embed is array"),
+        (with_body(envelope(), [[42], {}, {"callbacks": [1]}]), "callbacks is not a list"),
+        (with_body(envelope(), [[42], {}, {"chord": "x"}]), "chord is not a signature"),
+        (changed("headers", {}), "no headers.task"),
+        (with_body(changed("headers", {}), {"task": "jobs.process_order"}), "id is missing"),
+    ],
+)
+def test_messages_celerys_consumer_would_raise_on_are_named(message: Any, reason: str) -> None:
+    problem = task_problem(message, known)
+    assert problem is not None and reason in problem, problem
+
+
+def test_what_a_dead_letter_shows_of_a_raw_message() -> None:
+    raw = json.dumps(envelope()).encode()
+    assert describe(raw) == {
+        "task_id": "a-task-id",
+        "job_name": "jobs.process_order",
+        "args": [42],
+        "kwargs": {},
+    }
+    assert describe(b"\x80garbage")["job_name"] is None
+
+
+def test_kombus_decoder_accepts_what_passes() -> None:
+    """Every body that passes decodes with kombu's own base64 codec."""
+    message = envelope()
+    assert task_problem(message, known) is None
+    assert Channel.codecs["base64"].decode(message["body"])
