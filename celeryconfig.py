@@ -149,10 +149,19 @@ beat_schedule: dict[str, dict[str, object]] = {
 # resumes from the stored last-run times, so it repeats no tick (one that fell due while no
 # beat ran is sent once, late). Without Redis (a RabbitMQ broker and no BEAT_REDIS_URL) beat
 # falls back to Celery's file scheduler and this guarantee does not hold.
+#
+# Takeover: the holder renews its lock (to redbeat_lock_timeout, 30 s) every time it wakes,
+# at least every beat_max_loop_interval (5 s), and a waiting beat retries the lock at that
+# same interval (RedBeat acquires with `sleep=max_interval`). A holder killed outright cannot
+# release its lock, so it expires within 30 s and a waiting beat takes over within 35 s
+# (test_beat.py). The timeout must stay well above the interval, or a live holder could lose
+# the lock between two renewals. The setting is beat_max_loop_interval: Celery ignores an
+# unknown name without a word (it was beat_max_interval, which left Celery's default of 300 s,
+# so a waiting beat took up to five minutes to notice the dead holder).
 _beat_redis = _settings.beat_redis_url or redis_client_url(_endpoints.broker_url)
 if _beat_redis is not None:
     beat_scheduler = "redbeat.RedBeatScheduler"
     redbeat_redis_url = _beat_redis
     redbeat_key_prefix = "jobs_service:redbeat:"
     redbeat_lock_timeout = 30
-beat_max_interval = 5
+beat_max_loop_interval = 5

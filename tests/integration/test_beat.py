@@ -1,17 +1,22 @@
-"""One scheduler fires each tick, however many beats run, and a restart repeats none."""
+"""One scheduler fires each tick, however many beats run; a restart repeats none; a beat waiting
+for the lock takes over soon after the holder dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import redis
 
+from app import celery
 from app.settings import redis_client_url
 from tests.integration.conftest import Services, celery_process, flush_broker, isolated_broker
 
 INTERVAL = 1.0  # QUEUE_DEPTH_INTERVAL for these beats: the queue-depth entry fires every second
+LOCK_TIMEOUT = 30  # celeryconfig.redbeat_lock_timeout: a dead holder's lock expires this late
+LOOP_INTERVAL = 5  # celeryconfig.beat_max_loop_interval: a waiting beat tries the lock this often
 
 
 class TickWatcher:
@@ -32,6 +37,13 @@ class TickWatcher:
 
     def gaps(self) -> list[float]:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
+
+    def senders(self) -> list[int]:
+        """The process id of the beat that sent each tick, in arrival order (the `origin`
+        header Celery stamps on a message, `gen<pid>@<host>`)."""
+        newest_first = self.client.lrange("urgent", 0, -1)  # kombu LPUSHes each message
+        origins = [json.loads(raw)["headers"]["origin"] for raw in reversed(newest_first)]
+        return [int(origin.removeprefix("gen").split("@")[0]) for origin in origins]
 
 
 def beat_env(services: Services, broker: str) -> dict[str, str]:
@@ -96,3 +108,50 @@ def test_a_restarted_beat_resumes_without_repeating_a_tick(
     assert after and after[0] - restarted_at < 10
     assert 4 <= len(after) <= 8, after
     assert min(watcher.gaps()) > INTERVAL / 2, watcher.gaps()
+
+
+def test_a_waiting_beat_takes_over_when_the_holder_is_killed(
+    services: Services, tmp_path: Path
+) -> None:
+    # The holder renews its lock at every wake-up, a waiting beat tries it every loop interval.
+    # (An unknown setting name is silently ignored: check Celery and RedBeat read these.)
+    assert celery.conf.redbeat_lock_timeout == LOCK_TIMEOUT
+    assert celery.conf.beat_max_loop_interval == LOOP_INTERVAL
+    broker = isolated_broker(services.broker_url, 1)
+    flush_broker(broker)
+    watcher = TickWatcher(broker)
+    env = beat_env(services, broker)
+    log_a, log_b = tmp_path / "beat-a.log", tmp_path / "beat-b.log"
+
+    with celery_process(["beat", "--loglevel", "INFO"], env, log_a) as beat_a:
+        started(watcher)
+        with celery_process(["beat", "--loglevel", "INFO"], env, log_b) as beat_b:
+            deadline = time.monotonic() + 30
+            while "beat: Starting..." not in log_b.read_text():  # then B blocks on the lock
+                assert time.monotonic() < deadline, log_b.read_text()
+                watcher.watch(0.2)
+            watcher.watch(3.0)  # both run: A sends, B waits
+            assert "beat: Acquired lock" not in log_b.read_text()
+
+            beat_a.kill()  # SIGKILL: A cannot release its lock, the lock has to expire
+            killed_at = time.monotonic()
+            deadline = killed_at + LOCK_TIMEOUT + 10
+            while beat_b.pid not in watcher.senders():
+                assert time.monotonic() < deadline, f"no tick from B {LOCK_TIMEOUT + 10} s on"
+                watcher.watch(0.2)
+            watcher.watch(3.0)  # B goes on at the interval
+            senders = watcher.senders()[: len(watcher.arrivals)]
+
+    took_over = watcher.arrivals[senders.index(beat_b.pid)] - killed_at
+    print(f"beat B sent its first tick {took_over:.1f} s after beat A was SIGKILLed")
+    # A renewed its lock every second, so it expired 29-30 s after the kill, and B tries the
+    # lock every 5 s: B waited for the lock to expire, then took it within one try.
+    assert LOCK_TIMEOUT - LOOP_INTERVAL < took_over <= LOCK_TIMEOUT + LOOP_INTERVAL + 2
+    # One sender at a time: A's ticks, then B's, never interleaved.
+    a_ticks = senders.count(beat_a.pid)
+    assert a_ticks >= 3, senders
+    assert senders == [beat_a.pid] * a_ticks + [beat_b.pid] * (len(senders) - a_ticks), senders
+    # No tick twice: the one that fell due while no beat sent goes out once, then one a second.
+    assert min(watcher.gaps()) > INTERVAL / 2, watcher.gaps()
+    assert 3 <= len(senders) - a_ticks <= 6, senders
+    assert log_b.read_text().count("beat: Acquired lock") == 1
