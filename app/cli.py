@@ -288,6 +288,7 @@ def schedule_command(as_json: bool) -> None:
 
             schedule = every(schedule)
         last = _last_run(name)
+        now = celery.now()  # after the Redis look-up, so that `remaining` is measured from it
         remaining = schedule.remaining_estimate(last or now)
         next_run = max(now, (last or now) + remaining) + dt.timedelta(milliseconds=500)
         rows.append(
