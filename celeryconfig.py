@@ -7,6 +7,7 @@ one stops the process with one line naming the variable.
 from __future__ import annotations
 
 import logging
+import os
 
 from celery.schedules import crontab
 from kombu.entity import Queue
@@ -27,7 +28,13 @@ except ConfigError as exc:
 # kombu's, except that a worker takes a message and records who holds it in one atomic step,
 # a live worker's heartbeat keeps what it holds, a dead worker's messages go back to their
 # queues within seconds, and no message can stop a worker (see app/delivery/transport.py).
-broker_url, broker_transport = transport.broker_transport(_endpoints.broker_url)
+# Celery's command line reads BROKER_URL as its --broker option and passes it on in
+# CELERY_BROKER_URL, which wins over broker_url; kombu ignores broker_transport for a
+# redis+socket:// URL, so that variable gets the URL in the form broker_transport() gives.
+_cli_broker = os.environ.get("CELERY_BROKER_URL")
+broker_url, broker_transport = transport.broker_transport(_cli_broker or _endpoints.broker_url)
+if _cli_broker:
+    os.environ["CELERY_BROKER_URL"] = broker_url
 result_backend = _endpoints.result_backend
 result_expires = 24 * 3600
 broker_connection_retry_on_startup = True

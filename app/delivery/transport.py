@@ -449,20 +449,29 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-#: The path Celery's `broker_transport` setting names this transport by.
+class SocketTransport(Transport):
+    """The same transport for a Redis unix socket. kombu hands a `redis+socket://` URL whole to
+    the channel, which reads the socket path and database from it; a transport that says it
+    parses its own URLs gets the same treatment for the `socket://` URL it is given here."""
+
+    can_parse_url = True
+
+
+#: The paths Celery's `broker_transport` setting names these transports by.
 TRANSPORT = f"{__name__}:Transport"
+SOCKET_TRANSPORT = f"{__name__}:SocketTransport"
 
 
 def broker_transport(broker_url: str) -> tuple[str, str | None]:
     """The broker URL and `broker_transport` for this app: this transport for Redis URLs.
 
-    Only this app's connections use it: nothing global in kombu changes. kombu reads a
-    `redis+socket://` URL's transport from its scheme, so that URL is given as the
-    `socket://` URL kombu's Redis transport takes it to be.
+    Only this app's connections use it: nothing global in kombu changes. kombu takes a
+    `redis+socket://` URL's transport from its scheme, ignoring the setting, so that URL is
+    given as the `socket://` URL kombu's Redis channel reads.
     """
     scheme = broker_url.split("://", 1)[0]
     if scheme in ("redis", "rediss"):
         return broker_url, TRANSPORT
     if scheme == "redis+socket":
-        return broker_url.removeprefix("redis+"), TRANSPORT
+        return broker_url.removeprefix("redis+"), SOCKET_TRANSPORT
     return broker_url, None
