@@ -403,6 +403,9 @@ def _as_dict(entry: Any, *, full: bool) -> dict[str, Any]:
             enqueued_at=entry.enqueued_at.isoformat() if entry.enqueued_at else None,
             headers=entry.headers,
             traceback=entry.traceback,
+            # A poison message's arguments are shown above, redacted; a malformed one has
+            # nothing but its raw bytes to show.
+            raw_message=entry.raw_message if entry.reason == "malformed" else None,
         )
     return shown
 
