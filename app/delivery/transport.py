@@ -110,8 +110,9 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         if delivery_tag in self._owned:
-            self._owned.discard(delivery_tag)
+            # (forgotten only once settled: a failed call leaves it to a later one)
             self.channel._settle(delivery_tag, "ack")
+            self._owned.discard(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
@@ -120,8 +121,8 @@ class QoS(kombu_redis.QoS):
         if delivery_tag in self._owned:
             # A requeue after the process running it died (reject_on_worker_lost) goes to
             # the back of its queue, as kombu's does, and counts towards the poison limit.
-            self._owned.discard(delivery_tag)
             self.channel._settle(delivery_tag, "tail" if requeue else "ack")
+            self._owned.discard(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().reject(delivery_tag, requeue=requeue)
@@ -129,8 +130,8 @@ class QoS(kombu_redis.QoS):
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         tag = bytes_to_str(tag)
         if tag in self._owned:  # the warm-shutdown requeue: back at the head, not a death
-            self._owned.discard(tag)
             self.channel._settle(tag, "tail" if leftmost else "head", graceful=True)
+            self._owned.discard(tag)
         else:
             super().restore_by_tag(tag, client, leftmost)
 
@@ -438,9 +439,13 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         agent, self._heartbeat = self._heartbeat, None
-        super().close()
-        if agent is not None:
-            agent.release(self)
+        try:
+            super().close()  # puts back what it holds, unless Redis is gone
+        finally:
+            # Stop beating either way: what could not be put back now is recovered when the
+            # beat lapses, by any live worker.
+            if agent is not None:
+                agent.release(self)
 
 
 class Transport(kombu_redis.Transport):
