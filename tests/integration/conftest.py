@@ -307,6 +307,15 @@ HARNESS_WORKER = [
 ALL_QUEUES = ["--queues", "urgent,default,low"]
 
 
+def producer_for(broker: str) -> Any:
+    """A bare Celery app that publishes to `broker` (as another service would)."""
+    from celery import Celery
+
+    producer = Celery("producer", broker=broker)
+    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    return producer
+
+
 def worker_env(services: Services, broker: str, **extra: str) -> dict[str, str]:
     """The environment of a worker subprocess on `broker` and the tests' database."""
     return {**os.environ, "BROKER_URL": broker, "DATABASE_URL": services.database_url, **extra}

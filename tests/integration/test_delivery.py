@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import redis
-from celery import Celery
 from sqlalchemy import func, select
 
 from app.db import session_scope
@@ -20,15 +19,10 @@ from tests.integration.conftest import (
     celery_process,
     flush_broker,
     isolated_broker,
+    producer_for,
     worker_env,
 )
 from tests.integration.factories import scalar, wait_until
-
-
-def producer_for(broker: str) -> Celery:
-    producer = Celery("producer", broker=broker)
-    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
-    return producer
 
 
 def dead_letters() -> list[DeadLetter]:

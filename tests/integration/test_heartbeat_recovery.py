@@ -13,23 +13,22 @@ import time
 from pathlib import Path
 
 import redis
-from celery import Celery
 from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.models import DeadLetter, Product
 from app.settings import redis_client_url
-from tests.integration.conftest import Services, flush_broker, isolated_broker, worker_env
+from tests.integration.conftest import (
+    Services,
+    flush_broker,
+    isolated_broker,
+    producer_for,
+    worker_env,
+)
 from tests.integration.factories import scalar, wait_until
 from tests.integration.test_worker_crash import CrashingWorker
 
 DB = 14
-
-
-def producer_for(broker: str) -> Celery:
-    producer = Celery("producer", broker=broker)
-    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
-    return producer
 
 
 def client_for(broker: str) -> redis.Redis:
@@ -53,6 +52,14 @@ def ready(log: Path, starts: int = 1) -> None:
     wait_until(lambda: log.read_text().count(" ready.") >= starts, timeout=60)
 
 
+def hold_a_slow_job(broker: str, worker: CrashingWorker, sku: str) -> None:
+    """Start `worker` and have it take a 4 s job that writes product `sku` when it ends."""
+    worker.start()
+    ready(worker.log)
+    producer_for(broker).send_task("jobs.test_slow_record", args=[sku, 4], queue="default")
+    wait_until(lambda: held(client_for(broker)) == 1, timeout=30)
+
+
 def test_a_killed_workers_job_runs_again_on_a_live_worker_within_seconds(
     services: Services, tmp_path: Path
 ) -> None:
@@ -62,12 +69,7 @@ def test_a_killed_workers_job_runs_again_on_a_live_worker_within_seconds(
     victim = CrashingWorker(worker_env(services, broker), tmp_path / "victim.log")
     survivor = CrashingWorker(worker_env(services, broker), tmp_path / "survivor.log")
     try:
-        victim.start()
-        ready(victim.log)
-        producer_for(broker).send_task(
-            "jobs.test_slow_record", args=["held-by-victim", 4], queue="default"
-        )
-        wait_until(lambda: held(client) == 1, timeout=30)
+        hold_a_slow_job(broker, victim, "held-by-victim")
         survivor.start()
         ready(survivor.log)
         victim.crash()
@@ -87,15 +89,9 @@ def test_a_killed_workers_job_runs_again_when_a_replacement_starts(
 ) -> None:
     broker = isolated_broker(services.broker_url, DB)
     flush_broker(broker)
-    client = client_for(broker)
     worker = CrashingWorker(worker_env(services, broker), tmp_path / "worker.log")
     try:
-        worker.start()
-        ready(worker.log)
-        producer_for(broker).send_task(
-            "jobs.test_slow_record", args=["held-when-killed", 4], queue="default"
-        )
-        wait_until(lambda: held(client) == 1, timeout=30)
+        hold_a_slow_job(broker, worker, "held-when-killed")
         worker.crash()  # no other worker runs
         worker.start()  # the replacement, at once, as a supervisor would start it
         wait_until(lambda: product_count("held-when-killed") == 1, timeout=60)

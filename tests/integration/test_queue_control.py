@@ -25,18 +25,13 @@ from tests.integration.conftest import (
     celery_process,
     flush_broker,
     isolated_broker,
+    producer_for,
     run_cli,
     worker_env,
 )
 from tests.integration.factories import scalar, wait_until
 
 DB = 14
-
-
-def producer_for(broker: str) -> Celery:
-    producer = Celery("producer", broker=broker)
-    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
-    return producer
 
 
 def product_count(sku: str) -> int:
