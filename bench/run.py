@@ -18,6 +18,14 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
   10,000-item one
 - urgent latency under backlog: urgent jobs' enqueue-to-start p50/p99 behind 50,000 low jobs,
   for each QUEUE_ORDER (weighted, round_robin, strict), vs a FIFO single queue (estimated)
+- recovery: a whole worker SIGKILLed (its process group) while it runs jobs; the time until
+  the jobs it held run again, p50 and max over several kills, with the default settings,
+  (a) while a second worker stays alive and (b) with a replacement started right after the
+  kill; vs stock Celery on kombu's own Redis transport (`bench.stock_app`) with the same
+  visibility timeout (not back within a bounded wait) and, for scale, with 30 s
+- drain: a worker (concurrency 2) draining 6,000 queued no-op jobs, the service's vs stock
+  Celery's on kombu's own Redis transport with the same delivery settings (and stock with task
+  events on, as the service's are), alternated, twice each
 
 Workers log to bench/results/worker.log.
 """
@@ -25,7 +33,9 @@ Workers log to bench/results/worker.log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -33,6 +43,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,7 +55,17 @@ RESULTS = ROOT / "bench" / "results"
 WORKER_LOG = RESULTS / "worker.log"
 
 #: The benchmarks in the order they run (the names `--only` takes).
-BENCHMARKS = ("overhead", "bulk", "paging", "report", "inventory", "batch", "urgent")
+BENCHMARKS = (
+    "overhead",
+    "bulk",
+    "paging",
+    "report",
+    "inventory",
+    "batch",
+    "urgent",
+    "recovery",
+    "drain",
+)
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
 #: the two pool processes take turns), so 100,000 items would take 6-13 minutes on their own,
@@ -56,6 +77,15 @@ NAIVE_QUICK = 1_000
 QUEUE_ORDERS = ("weighted", "round_robin", "strict")
 URGENT_SPACING = 0.02  # seconds between urgent enqueues
 URGENT_FACTOR = 3.0  # weighted p99 may be this many times strict's
+#: The queues every benchmark worker consumes, the service's and the stock baseline's alike.
+WORKER_QUEUES = "urgent,default,low"
+#: The recovery benchmark: a whole worker is SIGKILLed this many seconds (drawn at random)
+#: after the jobs it holds have started, so the kill lands mid-job at no fixed heartbeat phase.
+KILL_AFTER = (0.2, 1.0)
+#: The stock baseline's short visibility timeout, shown for scale.
+STOCK_SHORT_VISIBILITY = 30
+#: Settings the recovery benchmark's workers never inherit: it measures the defaults.
+RECOVERY_OVERRIDES = ("BROKER_VISIBILITY_TIMEOUT", "WORKER_HEARTBEAT_TIMEOUT", "POISON_AFTER")
 
 
 def prepare_environment() -> str:
@@ -134,9 +164,55 @@ def worker(concurrency: int = 1, env: dict[str, str] | None = None) -> subproces
     from app.scratch import start_celery
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    args = ["worker", "--include", "bench.tasks", "--queues", "urgent,default,low"]
+    args = ["worker", "--include", "bench.tasks", "--queues", WORKER_QUEUES]
     args += ["--concurrency", str(concurrency), "--without-mingle", "--without-gossip"]
     return start_celery([*args, "--loglevel", "WARNING"], WORKER_LOG, {**os.environ, **(env or {})})
+
+
+def celery_worker(
+    stock: bool,
+    concurrency: int,
+    hostname: str | None = None,
+    env: dict[str, str] | None = None,
+    own_session: bool = False,
+    task_events: bool = False,
+    unset: tuple[str, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """A worker of the service (`celery -A app`, with the benchmark jobs) or of the stock
+    baseline (`celery -A bench.stock_app`), logging to WORKER_LOG; with `own_session`, the
+    leader of a process group of its own (worker and pool), for os.killpg. `task_events`
+    turns on a stock worker's task events (the service's celeryconfig always sends them).
+    The variables in `unset` are not passed on.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "celery", "-A", "bench.stock_app" if stock else "app"]
+    command += ["worker", "--queues", WORKER_QUEUES, "--concurrency", str(concurrency)]
+    command += ["--without-mingle", "--without-gossip", "--loglevel", "WARNING"]
+    if not stock:
+        command += ["--include", "bench.tasks"]
+    if hostname:
+        command += ["--hostname", hostname]
+    if task_events:
+        command += ["--task-events"]
+    with open(WORKER_LOG, "ab") as out:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_session,
+        )
+
+
+def stock_worker(concurrency: int = 1) -> subprocess.Popen[bytes]:
+    """The stock baseline's worker: stock Celery on kombu's own Redis transport."""
+    return celery_worker(True, concurrency)
+
+
+def stock_worker_with_events(concurrency: int = 1) -> subprocess.Popen[bytes]:
+    """The stock baseline's worker sending task events, as the service's worker does."""
+    return celery_worker(True, concurrency, task_events=True)
 
 
 def stop_worker(process: subprocess.Popen[bytes], cold: bool = False) -> None:
@@ -170,10 +246,15 @@ def queued(client: Any, queue: str = "default") -> int:
     return int(client.llen(queue)) + int(client.hlen("unacked"))
 
 
-def drain(count: int, concurrency: int, what: str) -> float:
+def drain(
+    count: int,
+    concurrency: int,
+    what: str,
+    start_worker: Callable[[int], subprocess.Popen[bytes]] = worker,
+) -> float:
     """Start a worker on `count` queued messages: seconds from its first take to the last ack."""
     client = redis_client()
-    process = worker(concurrency)
+    process = start_worker(concurrency)
     try:
         start: float | None = None
 
@@ -191,7 +272,12 @@ def drain(count: int, concurrency: int, what: str) -> float:
         stop_worker(process)
 
 
-def drain_seconds(task_name: str, count: int, concurrency: int = 1) -> float:
+def drain_seconds(
+    task_name: str,
+    count: int,
+    concurrency: int = 1,
+    start_worker: Callable[[int], subprocess.Popen[bytes]] = worker,
+) -> float:
     """Publish `count` messages of a no-op, then time one worker draining them."""
     from celery import Celery
 
@@ -201,7 +287,7 @@ def drain_seconds(task_name: str, count: int, concurrency: int = 1) -> float:
     with producer.producer_or_acquire() as p, p.batch(max_size=1000):
         for i in range(count):
             producer.send_task(task_name, args=[i], queue="default", producer=p, ignore_result=True)
-    return drain(count, concurrency, f"draining {count} {task_name}")
+    return drain(count, concurrency, f"draining {count} {task_name}", start_worker)
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -715,6 +801,290 @@ def bench_urgent_latency(backlog: int, urgent: int) -> dict[str, Any]:
     }
 
 
+class KillableWorker:
+    """A worker (concurrency 2) leading a process group of its own, killed whole as a host dies."""
+
+    def __init__(self, stock: bool, name: str, env: dict[str, str]) -> None:
+        self.name = f"{name}@bench"  # its nodename: the hold jobs record it
+        self.process = celery_worker(
+            stock, 2, self.name, env, own_session=True, unset=RECOVERY_OVERRIDES
+        )
+
+    def ready(self, timeout: float = 120) -> None:
+        """Wait until the worker answers a ping (its event loop runs and it is fetching)."""
+        from celery import Celery
+
+        control = Celery("bench-control", broker=os.environ["BROKER_URL"])
+        wait_for(
+            lambda: bool(control.control.ping(destination=[self.name], timeout=0.5)),
+            timeout,
+            f"recovery: {self.name} start-up",
+            self.process,
+            poll=0,
+        )
+
+    def kill(self) -> float:
+        """SIGKILL the worker and its pool at once; the time of the kill (time.time())."""
+        killed_at = time.time()
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        return killed_at
+
+    def stop(self) -> None:
+        """A cold shutdown of the whole group (SIGQUIT), SIGKILL if it lingers."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGQUIT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def hold_starts(client: Any) -> list[tuple[str, int, str, float]]:
+    """Every recorded start of a hold job: (task id, n, worker nodename, time.time())."""
+    from bench.keys import HOLD_STARTS
+
+    starts = []
+    for raw in client.lrange(HOLD_STARTS, 0, -1):
+        task_id, n, hostname, started = json.loads(raw)
+        starts.append((str(task_id), int(n), str(hostname), float(started)))
+    return starts
+
+
+def all_started(client: Any, ids: frozenset[str]) -> bool:
+    """Whether every hold job of `ids` has recorded a start."""
+    return ids <= {start[0] for start in hold_starts(client)}
+
+
+def held_by_service_worker(client: Any, pid: int) -> int:
+    """Deliveries the service's in-flight records name worker process `pid` as holding."""
+    from app.delivery.records import Keys
+
+    records: Any = client.hvals(Keys().inflight)
+    return sum(1 for raw in records if f".{pid}." in json.loads(raw)[0])
+
+
+def recovery_kills(
+    stock: bool,
+    survivor: bool,
+    kills: int,
+    wait_s: float,
+    visibility_timeout: int | None = None,
+) -> dict[str, Any]:
+    """Kill a worker `kills` times while it runs hold jobs; time until its jobs run again.
+
+    survivor: a second worker stays alive through every kill (a new victim is started after
+    each recovery); otherwise the victim is alone and a replacement is started right after
+    each kill (the replacement is the next victim). Each round enqueues a hold job for every
+    free process (2 per worker), waits until all have started, kills the victim between
+    KILL_AFTER seconds later, then polls for a second start of each job the victim was running
+    (with prefetch 1 and as many jobs as processes, those are all it held), for at most
+    `wait_s` seconds. Stops after the first kill whose jobs do not come back.
+    """
+    from celery import Celery
+
+    client = redis_client()
+    client.flushdb()
+    env = {"BENCH_VISIBILITY_TIMEOUT": str(visibility_timeout)} if visibility_timeout else {}
+    producer = Celery("bench", broker=os.environ["BROKER_URL"])
+    rng = random.Random(kills)
+    label = "stock" if stock else "service"
+    alive = KillableWorker(stock, f"{label}-survivor", env) if survivor else None
+    victim = KillableWorker(stock, f"{label}-victim-1", env)
+    rounds: list[dict[str, Any]] = []
+    job = 0
+    try:
+        if alive is not None:
+            alive.ready()
+        victim.ready()
+        for k in range(kills):
+            ids = []
+            for _ in range(4 if survivor else 2):
+                job += 1
+                sent = producer.send_task("bench.hold", args=[job], queue="default")
+                ids.append(sent.id)
+            wait_for(
+                functools.partial(all_started, client, frozenset(ids)),
+                60,
+                f"recovery ({label}): round {k + 1}'s jobs started",
+                victim.process,
+            )
+            held = {s[0] for s in hold_starts(client) if s[0] in ids and s[2] == victim.name}
+            time.sleep(rng.uniform(*KILL_AFTER))
+            killed_pid = victim.process.pid
+            killed_at = victim.kill()
+            if alive is None:  # no other worker: a replacement, right after the kill
+                victim = KillableWorker(stock, f"{label}-victim-{k + 2}", env)
+            recorded = None if stock else held_by_service_worker(client, killed_pid)
+            back: dict[str, float] = {}
+            while len(back) < len(held) and time.time() < killed_at + wait_s:
+                for task_id, _, _, started in hold_starts(client):
+                    if task_id in held and started > killed_at:
+                        back.setdefault(task_id, started - killed_at)
+                time.sleep(0.02)
+            rounds.append(
+                {
+                    "held": len(held),
+                    "held_per_inflight_records": recorded,
+                    "back_s": sorted(round(v, 3) for v in back.values()),
+                    "all_back_s": round(max(back.values()), 3) if len(back) == len(held) else None,
+                }
+            )
+            if len(back) < len(held):
+                break  # stuck where they are: later rounds would measure nothing new
+            wait_for(lambda: queued(client) == 0, 60, f"recovery ({label}): round {k + 1} done")
+            if alive is not None:
+                victim = KillableWorker(stock, f"{label}-victim-{k + 2}", env)
+                victim.ready()
+    finally:
+        victim.stop()
+        if alive is not None:
+            alive.stop()
+        client.flushdb()
+    times = [r["all_back_s"] for r in rounds if r["all_back_s"] is not None]
+    return {
+        "kills": len(rounds),
+        "held_jobs": sum(r["held"] for r in rounds),
+        "recovered_kills": len(times),
+        "p50_s": round(statistics.median(times), 2) if times else None,
+        "max_s": round(max(times), 2) if times else None,
+        "wait_s": wait_s,
+        "visibility_timeout": visibility_timeout,
+        "rounds": rounds,
+    }
+
+
+def bench_recovery(kills: int, stock_wait: float, short_kills: int) -> list[dict[str, Any]]:
+    """The recovery benchmark's two scenarios, each with its stock baselines."""
+    results = []
+    for survivor, name in (
+        (True, "recovery, second worker alive"),
+        (False, "recovery, replacement started"),
+    ):
+        ours = recovery_kills(False, survivor, kills, wait_s=60)
+        default = recovery_kills(True, survivor, 1, wait_s=stock_wait, visibility_timeout=21600)
+        short = recovery_kills(
+            True,
+            survivor,
+            short_kills,
+            wait_s=STOCK_SHORT_VISIBILITY + 60,
+            visibility_timeout=STOCK_SHORT_VISIBILITY,
+        )
+        complete = ours["recovered_kills"] == ours["kills"] == kills
+        stuck = default["held_jobs"] - sum(len(r["back_s"]) for r in default["rounds"])
+        results.append(
+            {
+                "name": name,
+                "size": kills,
+                "baseline": (
+                    f"stock Celery, kombu Redis, visibility_timeout 21600: {stuck} of "
+                    f"{default['held_jobs']} held jobs not back within {stock_wait:.0f} s; "
+                    f"visibility_timeout {STOCK_SHORT_VISIBILITY}: p50 {short['p50_s']} s, "
+                    f"max {short['max_s']} s ({short['recovered_kills']} of "
+                    f"{short['kills']} kills)"
+                ),
+                "measured": (
+                    f"kill to held jobs running again: p50 {ours['p50_s']} s, max "
+                    f"{ours['max_s']} s ({ours['recovered_kills']} of {ours['kills']} kills, "
+                    f"{ours['held_jobs']} held jobs)"
+                ),
+                "ratio": (
+                    f">= {stock_wait / ours['max_s']:.1f}" if ours["max_s"] and stuck else "n/a"
+                ),
+                "target": "every held job runs again (times reported, not asserted)",
+                "met": complete,
+                "service": ours,
+                "stock_default": default,
+                "stock_short": short,
+                "note": (
+                    "Default settings (heartbeat every 1 s, a worker dead once its beat is "
+                    "5 s old). The ratio is a lower bound: stock's bounded wait over the "
+                    "service's max; at visibility_timeout 21600 stock's jobs would come back "
+                    "after about 6 h. The stock baseline sweeps for expired records every "
+                    "10 s (throttle 1, as the service configures kombu; kombu's own default "
+                    "sweeps every 100 s)."
+                    + (
+                        " A replacement recovers only after its heartbeat has run 5 s, so "
+                        "its figure includes the replacement's start-up."
+                        if not survivor
+                        else ""
+                    )
+                ),
+            }
+        )
+    return results
+
+
+def bench_drain(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:
+    """No-op drain rate: the service's worker vs stock Celery's, alternated `rounds` times.
+
+    Stock Celery is also run with task events on (`--task-events`), since the service's
+    celeryconfig sends them (`worker_send_task_events`, for Flower): that pair compares the
+    delivery paths with the same event traffic.
+    """
+    from bench.keys import INCR_COUNTER
+
+    client = redis_client()
+    sides: dict[str, Callable[[int], subprocess.Popen[bytes]]] = {
+        "stock": stock_worker,
+        "stock_events": stock_worker_with_events,
+        "service": worker,
+    }
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    counted = []
+    for _ in range(rounds):
+        for side, start in sides.items():
+            seconds = drain_seconds("bench.incr", count, concurrency, start)
+            rates[side].append(count / seconds)
+            counted.append(int(client.get(INCR_COUNTER) or 0))
+    mean = {side: statistics.fmean(values) for side, values in rates.items()}
+
+    def per_round(baseline: str) -> str:
+        pairs = zip(rates["service"], rates[baseline], strict=True)
+        return ", ".join(f"{ours / theirs:.3f}" for ours, theirs in pairs)
+
+    def listed(side: str) -> str:
+        return ", ".join(f"{r:.0f}" for r in rates[side])
+
+    events_ratio = mean["service"] / mean["stock_events"]
+    return {
+        "name": "no-op drain (fetch path)",
+        "size": count,
+        "baseline": (
+            f"stock Celery, kombu Redis ({count:,} jobs, concurrency {concurrency}): "
+            f"{listed('stock')} jobs/s; with task events: {listed('stock_events')} jobs/s"
+        ),
+        "measured": (
+            f"service worker (task events on): {listed('service')} jobs/s; "
+            f"vs stock with task events: {events_ratio:.3f}"
+        ),
+        "ratio": round(mean["service"] / mean["stock"], 3),
+        "target": "every job ran once (rates reported; ratio: service / stock jobs/s)",
+        "met": all(c == count for c in counted),
+        "jobs_per_s": {side: [round(r, 1) for r in values] for side, values in rates.items()},
+        "ratio_vs_stock": round(mean["service"] / mean["stock"], 3),
+        "ratio_vs_stock_with_events": round(events_ratio, 3),
+        "counted": counted,
+        "note": (
+            "Alternated stock, stock with task events, service, twice; ratios are of the mean "
+            f"rates (per round vs stock: {per_round('stock')}; vs stock with task events: "
+            f"{per_round('stock_events')}). All run the same task body (INCR a Redis counter) "
+            "with task_acks_late, worker_prefetch_multiplier 1, task_reject_on_worker_lost, "
+            "prefork concurrency 2, on queues urgent, default and low; the service's worker "
+            "runs its whole celeryconfig. What limits it (py-spy on the worker and its pool): "
+            "the worker's main process is the bottleneck on both sides, and about half of the "
+            "service's goes to publishing task events (worker_send_task_events, one Redis "
+            "PUBLISH per event, three events per job), which stock Celery does not send unless "
+            "told; its fetch script and acknowledgement script take less of it than kombu's "
+            "BRPOP, record pipeline and ack pipeline do in stock."
+        ),
+    }
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -800,6 +1170,10 @@ def main() -> int:
         "urgent": lambda: [
             bench_urgent_latency(10_000 if quick else 50_000, urgent=50 if quick else 150)
         ],
+        "recovery": lambda: bench_recovery(
+            kills=5 if quick else 10, stock_wait=30 if quick else 60, short_kills=1 if quick else 3
+        ),
+        "drain": lambda: [bench_drain(1_000 if quick else 6_000)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

@@ -1,5 +1,7 @@
-"""Benchmark-only jobs: the no-ops the overhead benchmark drains, and the low-queue backlog and
-urgent jobs of the urgent-latency benchmark. The worker loads them with `--include bench.tasks`.
+"""Benchmark-only jobs: the no-ops the overhead benchmark drains, the low-queue backlog and
+urgent jobs of the urgent-latency benchmark, and the recovery and drain benchmarks' jobs (the
+same bodies as `bench.stock_app`'s, there on stock Celery). The worker loads them with
+`--include bench.tasks`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from app import celery
 from app.jobs.base import job
 from app.settings import redis_client_url
+from bench.keys import HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
 
 #: The Redis list (in the benchmark's broker database) each urgent job appends its timing to.
 URGENT_STARTS = "bench:urgent_starts"
@@ -45,6 +48,21 @@ def bench_urgent(n: int, enqueued_at: float) -> None:
     """Record (n, enqueue time, start time) in Redis: its enqueue-to-start latency."""
     started_at = time.time()
     _client().rpush(URGENT_STARTS, json.dumps([n, enqueued_at, started_at]))
+
+
+@celery.task(name="bench.incr", ignore_result=True)
+def incr(n: int) -> None:
+    """Count one execution: the drain benchmark's no-op (as `bench.stock_app.incr`)."""
+    _client().incr(INCR_COUNTER)
+
+
+@celery.task(name="bench.hold", bind=True, ignore_result=True)
+def hold(self: Any, n: int) -> None:
+    """Record (task id, n, worker, start time), then take HOLD_SECONDS: the recovery job."""
+    _client().rpush(
+        HOLD_STARTS, json.dumps([self.request.id, n, self.request.hostname, time.time()])
+    )
+    time.sleep(HOLD_SECONDS)
 
 
 def _client() -> Any:

@@ -1,0 +1,10 @@
+"""Names and sizes shared by the service's benchmark jobs (`bench.tasks`) and the stock
+baseline (`bench.stock_app`), kept apart so that the stock app loads nothing of the service.
+"""
+
+#: The Redis list (in the benchmark's broker database) each recovery job appends its start to.
+HOLD_STARTS = "bench:hold_starts"
+#: How long a recovery job runs: long enough that a SIGKILL finds it running.
+HOLD_SECONDS = 1.5
+#: The counter each drain job increments.
+INCR_COUNTER = "bench:incr"
