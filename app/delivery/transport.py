@@ -391,11 +391,14 @@ class Channel(kombu_redis.Channel):
             )
             self._agent().wake()
             raise virtual.Empty()
+        problem: str | None = None
         try:
             payload = loads(bytes_to_str(item))
         except (ValueError, TypeError, UnicodeDecodeError):
             payload = None
-        problem = envelope_problem(payload)
+        except RecursionError:  # the fetch script's cjson reads 1000 levels; Python gives out first
+            payload, problem = None, "the message is nested too deeply to decode"
+        problem = problem or envelope_problem(payload)
         if problem is None and self.check_tasks:
             problem = task_problem(payload, self._known_task)
         if problem is not None:
