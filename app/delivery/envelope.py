@@ -27,6 +27,11 @@ from celery.utils.time import maybe_iso8601
 ACCEPTED_CONTENT = frozenset({"application/json"})
 #: Body encodings kombu's virtual transport can decode.
 BODY_ENCODINGS = frozenset({"base64"})
+#: How deep a message's JSON may nest (the envelope, and the body). Python's recursion limit
+#: (1000) is shared with the worker's own stack: a message nested close to it decodes here and
+#: raises RecursionError in whatever handles it next (pickling it for the pool), which stops
+#: the worker.
+MAX_DEPTH = 100
 
 _OPTIONAL_TEXT = (
     "root_id",
@@ -69,6 +74,7 @@ def task_problem(payload: Any, known: Callable[[str], bool]) -> str | None:
 def _check_envelope(payload: Any) -> None:
     if not isinstance(payload, dict):
         raise Malformed(f"the envelope is a JSON {_kind(payload)}, not an object")
+    _check_depth(payload, "the envelope")
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         raise Malformed(f"properties is {_kind(properties)}, not an object")
@@ -99,6 +105,7 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     if encoding not in (None, "utf-8", "utf8"):
         raise Malformed(f"content-encoding {_short(encoding)} is not utf-8")
     body = decoded_body(payload)
+    _check_depth(body, "the body")
     headers = payload.get("headers") or {}
     if "task" in headers:  # protocol 2: the task in the headers, the arguments in the body
         fields: Mapping[str, Any] = headers
@@ -165,6 +172,18 @@ def decoded_body(payload: Mapping[str, Any]) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise Malformed("the body is not JSON") from None
+
+
+def _check_depth(value: Any, what: str) -> None:
+    pending = [(value, 1)]  # (no recursion here: the point is not to run out of stack)
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            if level > MAX_DEPTH:
+                raise Malformed(f"{what} nests deeper than {MAX_DEPTH} levels")
+            pending.extend((child, level + 1) for child in item)
 
 
 def _check_canvas(embed: Mapping[str, Any]) -> None:
@@ -262,5 +281,9 @@ def describe(raw: bytes) -> dict[str, Any]:
         if isinstance(fields.get(name), str):
             found[key] = fields[name][:255]
     if isinstance(args, list) and isinstance(kwargs, dict):
+        try:  # (arguments nested deeper would not survive being stored)
+            _check_depth([args, kwargs], "the arguments")
+        except Malformed:
+            return found
         found["args"], found["kwargs"] = args, kwargs
     return found
