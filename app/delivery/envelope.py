@@ -82,7 +82,7 @@ def _check_envelope(payload: Any) -> None:
     if info is not None and not isinstance(info, dict):
         raise Malformed(f"properties.delivery_info is {_kind(info)}, not an object")
     encoding = properties.get("body_encoding")
-    if encoding is not None and encoding not in BODY_ENCODINGS:
+    if encoding is not None and not (isinstance(encoding, str) and encoding in BODY_ENCODINGS):
         raise Malformed(f"properties.body_encoding {_short(encoding)} is not base64")
     _optional(properties, "priority", int, "properties.priority")
     for name in ("correlation_id", "reply_to"):

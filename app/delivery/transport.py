@@ -398,9 +398,13 @@ class Channel(kombu_redis.Channel):
             payload = None
         except RecursionError:  # the fetch script's cjson reads 1000 levels; Python gives out first
             payload, problem = None, "the message is nested too deeply to decode"
-        problem = problem or envelope_problem(payload)
-        if problem is None and self.check_tasks:
-            problem = task_problem(payload, self._known_task)
+        try:
+            problem = problem or envelope_problem(payload)
+            if problem is None and self.check_tasks:
+                problem = task_problem(payload, self._known_task)
+        except Exception as exc:  # a shape no check foresaw: it must not stop the worker either
+            logger.exception("checking a message on queue %r raised", queue)
+            problem = f"checking it raised {type(exc).__name__}: {exc}"
         if problem is not None:
             if outcome == _RECORDED:
                 self.quarantine(tag, queue, problem)
