@@ -118,7 +118,9 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     else:  # protocol 1 (Celery 3): everything in the body
         if not isinstance(body, dict):
             raise Malformed("no headers.task, and the body is not a protocol 1 object")
-        fields = body
+        # With args in the body, Celery lets the message's headers override the body's fields
+        # (celery.worker.strategy.hybrid_to_proto2): check what it will read.
+        fields = {**body, **headers} if "args" in body else body
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         _optional(body, "utc", bool, "utc")
         _check_canvas(body)
