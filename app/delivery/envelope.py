@@ -146,7 +146,11 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     _check_timelimit(fields.get("timelimit"))
     for name in ("eta", "expires"):
         _check_time(fields, name)
-    _optional(fields, "stamped_headers", list, "stamped_headers")
+    stamped = fields.get("stamped_headers")
+    if stamped is not None and not (
+        isinstance(stamped, list) and all(isinstance(name, str) for name in stamped)
+    ):  # (the worker looks each name up in a dict: a list or an object there stops it)
+        raise Malformed("stamped_headers is not a list of header names")
     _optional(fields, "stamps", dict, "stamps")
     # The job layer's own headers (app.jobs.base).
     executions = fields.get("job_executions")
