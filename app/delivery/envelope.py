@@ -224,10 +224,9 @@ def _check_time(fields: Mapping[str, Any], name: str) -> None:
         return
     if not isinstance(value, str):
         raise Malformed(f"{name} is {_kind(value)}, not an ISO 8601 time")
-    try:  # as Celery's request parses it
+    try:  # as Celery's request parses it (an empty string parses as None, which it raises on)
         parsed = maybe_iso8601(value)
-        if parsed is not None:
-            parsed.replace(tzinfo=parsed.tzinfo or dt.UTC).timestamp()
+        parsed.replace(tzinfo=parsed.tzinfo or dt.UTC).timestamp()
     except (ValueError, OverflowError, OSError, TypeError, AttributeError):
         raise Malformed(f"{name} {_short(value)} is not an ISO 8601 time") from None
 
