@@ -27,6 +27,11 @@ from celery.utils.time import maybe_iso8601
 ACCEPTED_CONTENT = frozenset({"application/json"})
 #: Body encodings kombu's virtual transport can decode.
 BODY_ENCODINGS = frozenset({"base64"})
+#: How deep a message's JSON may nest (the envelope, and the body). Python's recursion limit
+#: (1000) is shared with the worker's own stack: a message nested close to it decodes here and
+#: raises RecursionError in whatever handles it next (pickling it for the pool), which stops
+#: the worker.
+MAX_DEPTH = 100
 
 _OPTIONAL_TEXT = (
     "root_id",
@@ -69,6 +74,7 @@ def task_problem(payload: Any, known: Callable[[str], bool]) -> str | None:
 def _check_envelope(payload: Any) -> None:
     if not isinstance(payload, dict):
         raise Malformed(f"the envelope is a JSON {_kind(payload)}, not an object")
+    _check_depth(payload, "the envelope")
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         raise Malformed(f"properties is {_kind(properties)}, not an object")
@@ -76,7 +82,7 @@ def _check_envelope(payload: Any) -> None:
     if info is not None and not isinstance(info, dict):
         raise Malformed(f"properties.delivery_info is {_kind(info)}, not an object")
     encoding = properties.get("body_encoding")
-    if encoding is not None and encoding not in BODY_ENCODINGS:
+    if encoding is not None and not (isinstance(encoding, str) and encoding in BODY_ENCODINGS):
         raise Malformed(f"properties.body_encoding {_short(encoding)} is not base64")
     _optional(properties, "priority", int, "properties.priority")
     for name in ("correlation_id", "reply_to"):
@@ -99,6 +105,7 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     if encoding not in (None, "utf-8", "utf8"):
         raise Malformed(f"content-encoding {_short(encoding)} is not utf-8")
     body = decoded_body(payload)
+    _check_depth(body, "the body")
     headers = payload.get("headers") or {}
     if "task" in headers:  # protocol 2: the task in the headers, the arguments in the body
         fields: Mapping[str, Any] = headers
@@ -111,7 +118,9 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     else:  # protocol 1 (Celery 3): everything in the body
         if not isinstance(body, dict):
             raise Malformed("no headers.task, and the body is not a protocol 1 object")
-        fields = body
+        # With args in the body, Celery lets the message's headers override the body's fields
+        # (celery.worker.strategy.hybrid_to_proto2): check what it will read.
+        fields = {**body, **headers} if "args" in body else body
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         _optional(body, "utc", bool, "utc")
         _check_canvas(body)
@@ -137,7 +146,11 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     _check_timelimit(fields.get("timelimit"))
     for name in ("eta", "expires"):
         _check_time(fields, name)
-    _optional(fields, "stamped_headers", list, "stamped_headers")
+    stamped = fields.get("stamped_headers")
+    if stamped is not None and not (
+        isinstance(stamped, list) and all(isinstance(name, str) for name in stamped)
+    ):  # (the worker looks each name up in a dict: a list or an object there stops it)
+        raise Malformed("stamped_headers is not a list of header names")
     _optional(fields, "stamps", dict, "stamps")
     # The job layer's own headers (app.jobs.base).
     executions = fields.get("job_executions")
@@ -165,6 +178,18 @@ def decoded_body(payload: Mapping[str, Any]) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise Malformed("the body is not JSON") from None
+
+
+def _check_depth(value: Any, what: str) -> None:
+    pending = [(value, 1)]  # (no recursion here: the point is not to run out of stack)
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            if level > MAX_DEPTH:
+                raise Malformed(f"{what} nests deeper than {MAX_DEPTH} levels")
+            pending.extend((child, level + 1) for child in item)
 
 
 def _check_canvas(embed: Mapping[str, Any]) -> None:
@@ -199,10 +224,9 @@ def _check_time(fields: Mapping[str, Any], name: str) -> None:
         return
     if not isinstance(value, str):
         raise Malformed(f"{name} is {_kind(value)}, not an ISO 8601 time")
-    try:  # as Celery's request parses it
+    try:  # as Celery's request parses it (an empty string parses as None, which it raises on)
         parsed = maybe_iso8601(value)
-        if parsed is not None:
-            parsed.replace(tzinfo=parsed.tzinfo or dt.UTC).timestamp()
+        parsed.replace(tzinfo=parsed.tzinfo or dt.UTC).timestamp()
     except (ValueError, OverflowError, OSError, TypeError, AttributeError):
         raise Malformed(f"{name} {_short(value)} is not an ISO 8601 time") from None
 
@@ -262,5 +286,9 @@ def describe(raw: bytes) -> dict[str, Any]:
         if isinstance(fields.get(name), str):
             found[key] = fields[name][:255]
     if isinstance(args, list) and isinstance(kwargs, dict):
+        try:  # (arguments nested deeper would not survive being stored)
+            _check_depth([args, kwargs], "the arguments")
+        except Malformed:
+            return found
         found["args"], found["kwargs"] = args, kwargs
     return found

@@ -29,7 +29,11 @@ logger = logging.getLogger(__name__)
 
 
 def failure_of(entry: bytes) -> dead_letters.Failure:
-    """The dead-letter entry for one item of the rejected list."""
+    """The dead-letter entry for one item of the rejected list.
+
+    Whatever the message holds, the entry is one PostgreSQL accepts: an entry it refused would
+    stop every later one from being written (the drain takes them in order).
+    """
     head, _, raw = entry.partition(b"\n")
     try:
         header = json.loads(head)
@@ -42,12 +46,15 @@ def failure_of(entry: bytes) -> dead_letters.Failure:
     text = raw[:RAW_LIMIT].decode("utf-8", "backslashreplace")
     if len(raw) > RAW_LIMIT:
         text += f"... ({len(raw)} bytes in all)"
+    args, kwargs = found["args"], found["kwargs"]
+    if not (_storable_json(args) and _storable_json(kwargs)):
+        args, kwargs = [], {}  # the raw message keeps them
     return dead_letters.Failure(
-        task_id=found["task_id"] or tag or "unknown",
-        job_name=found["job_name"] or "(not a job)",
-        queue=str(header.get("queue") or "")[:64] or None,
-        args=found["args"],
-        kwargs=found["kwargs"],
+        task_id=_storable(found["task_id"] or tag or "unknown")[:255],
+        job_name=_storable(found["job_name"] or "(not a job)")[:255],
+        queue=_storable(str(header.get("queue") or ""))[:64] or None,
+        args=args,
+        kwargs=kwargs,
         headers={},
         reason="poison" if poison else "malformed",
         error_type="app.delivery.PoisonMessage" if poison else "app.delivery.MalformedMessage",
@@ -55,15 +62,31 @@ def failure_of(entry: bytes) -> dead_letters.Failure:
             f"its deliveries ended in the death of the process holding it "
             f"{header.get('deaths', '?')} times"
             if poison
-            else reason
+            else _storable(reason)
         ),
         traceback=None,
         attempts=int(header["deaths"])
         if poison and isinstance(header.get("deaths"), int)
         else None,
         enqueued_at=None,
-        raw_message=text,
+        raw_message=_storable(text),
     )
+
+
+def _storable(text: str) -> str:
+    """`text` as PostgreSQL stores it: no NUL characters, no lone surrogates."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable_json(value: object) -> bool:
+    """Whether PostgreSQL's jsonb takes `value` (no NaN or infinity, no \\u0000, no lone
+    surrogates)."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # (UnicodeEncodeError is a ValueError)
+        return False
+    return "\\u0000" not in text
 
 
 def drain(client: redis.Redis, keys: Keys, worker: str, limit: int = DRAIN_BATCH) -> int:

@@ -1,6 +1,10 @@
 """Messages a buggy or hostile producer could send, published straight to the broker.
 
 Each has a stated outcome, and the worker keeps processing the good jobs queued around them.
+A message that cannot become a request (not JSON, not accepted, no job of that name, no task
+header) never reaches Celery's consumer: app.delivery's transport dead-letters it ("malformed",
+with the reason app.delivery.envelope gives and its raw bytes). tests/integration/
+test_hostile_fuzz.py generates such messages by the thousand; these are the named cases.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ class Hostile:
     """A message, and what must become of it."""
 
     name: str
-    outcome: str  # "rejected": refused before any job ran; "discarded"; "dead-lettered";
-    # "applied": harmless data, processed as any other
+    outcome: str  # "malformed": dead-lettered by the transport before any job ran;
+    # "discarded"; "dead-lettered" (by the job layer); "applied": harmless data, processed
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, Any] | None = None
@@ -72,40 +76,40 @@ def cases(product: int, user: int) -> list[Hostile]:
     return [
         Hostile(
             "body that is not JSON",
-            "rejected",
+            "malformed",
             b"{not json",
             headers=task_headers(inventory),
-            log_says="Can't decode message body",
+            log_says="the body is not JSON",
         ),
         Hostile(
             "pickle payload",
-            "rejected",
+            "malformed",
             pickle.dumps(((product, 1000), {}, {})),
             "application/x-python-serialize",
             headers=task_headers(inventory),
-            log_says="ContentDisallowed",
+            log_says="content-type 'application/x-python-serialize' is not accepted (JSON only)",
         ),
         Hostile(
             "YAML payload",
-            "rejected",
+            "malformed",
             b"- [1, 1000]\n",
             "application/x-yaml",
             headers=task_headers(inventory),
-            log_says="ContentDisallowed",
+            log_says="content-type 'application/x-yaml' is not accepted (JSON only)",
         ),
         hostile(
             "unknown task name",
-            "rejected",
+            "malformed",
             "jobs.drop_all_tables",
             1,
-            log_says="Received unregistered task of type 'jobs.drop_all_tables'",
+            log_says="no job is registered as 'jobs.drop_all_tables'",
         ),
         Hostile(
             "missing headers",
-            "rejected",
+            "malformed",
             call(inventory, product, 1000)[0],
             headers={},
-            log_says="Received invalid task message",
+            log_says="no headers.task, and the body is not a protocol 1 object",
         ),
         hostile(
             "wrong argument count", "discarded", inventory, product, log_says="arguments do not fit"
@@ -186,28 +190,42 @@ def test_each_hostile_message_meets_its_outcome_and_good_jobs_go_on(
         good_job(connection, product, "good-last")
     log = tmp_path / "worker.log"
     expected_audits = len(table) + 1 + 1  # the good jobs, and the SQL-in-a-key change
+    malformed = [m for m in table if m.outcome == "malformed"]
 
     with celery_process(
         [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "1"], worker_env(services, broker), log
     ):
         wait_until(lambda: audits() == expected_audits, timeout=90)
-        wait_until(lambda: scalar(select(func.count()).select_from(DeadLetter)), timeout=60)
+        # The malformed messages, and `id of no row` once its retries are exhausted.
+        wait_until(lambda: dead_letters() == len(malformed) + 1, timeout=60)
 
     text = log.read_text()
     for message in table:
         if message.log_says:
             assert message.log_says in text, f"{message.name}: {message.log_says!r} not logged"
+    for message in malformed:  # app.delivery.transport's line, with envelope.py's reason
+        line = f"taken out of circulation for the dead-letter store: {message.log_says}"
+        assert line in text, f"{message.name}: not taken out by the transport"
     # Only the good jobs and the harmless SQL-looking key changed the stock; nothing else ran.
     assert reload(Product, product).inventory == 10 + expected_audits
     assert reload(Product, bystander).inventory == 7
     assert scalar(select(func.count()).select_from(User)) == 1
     with session_scope() as session:
-        [entry] = session.scalars(select(DeadLetter))
-        assert (entry.job_name, entry.args, entry.attempts) == (
+        [entry] = session.scalars(select(DeadLetter).where(DeadLetter.reason != "malformed"))
+        assert (entry.reason, entry.job_name, entry.args, entry.attempts) == (
+            "exhausted",
             "jobs.update_inventory",
             [999_999, 1000],
             3,
         )
+        entries = session.scalars(select(DeadLetter).where(DeadLetter.reason == "malformed"))
+        by_reason = {e.error_message: e for e in entries}
+        assert set(by_reason) == {m.log_says for m in malformed}
+        for message in malformed:  # each kept with its raw envelope, headers included
+            found = by_reason[message.log_says]
+            assert found.raw_message is not None and found.queue == "default", message.name
+            if message.headers:
+                assert message.headers["id"] in found.raw_message, message.name
         keys = set(session.scalars(select(InventoryAudit.idempotency_key)))
     assert "'; DROP TABLE products; --" in keys
     assert "k" * 100 not in text  # the megabytes never reached a log line
@@ -215,3 +233,7 @@ def test_each_hostile_message_meets_its_outcome_and_good_jobs_go_on(
 
 def audits() -> int:
     return int(scalar(select(func.count()).select_from(InventoryAudit)))
+
+
+def dead_letters() -> int:
+    return int(scalar(select(func.count()).select_from(DeadLetter)))
