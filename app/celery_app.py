@@ -6,5 +6,5 @@ from celery import Celery
 
 from app import logs  # noqa: F401  (connects the log set-up and job-context signals)
 
-celery_app = Celery("jobs_service")
+celery_app = Celery("jobs_service", task_cls="app.delivery.requests:Task")
 celery_app.config_from_object("celeryconfig")

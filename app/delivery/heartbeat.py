@@ -43,6 +43,8 @@ DEFAULT_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 5.0
 #: Dead workers recovered by one script call (the next call takes the rest).
 RECOVER_BATCH = 20
+#: How long a message's death count outlives its last death (deleted on acknowledgement).
+DEATHS_TTL = 14 * 24 * 3600
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ class Heartbeat:
         keys = self.keys
         reply = self._recover_script(
             keys=[keys.workers, keys.inflight, *self.unacked],
-            args=[self.timeout, keys.held(""), keys.worker_info, RECOVER_BATCH],
+            args=[self.timeout, keys.held(""), keys.worker_info, RECOVER_BATCH, DEATHS_TTL],
         )
         recovered = [
             (bytes(reply[i]).decode(), int(reply[i + 1])) for i in range(0, len(reply or []), 2)

@@ -11,8 +11,9 @@ The records (all keys under the channel's key prefix):
   who holds the delivery and where it came from.
 - `jobs_service:held:<worker>`: the tags one worker holds, for its recovery.
 - `jobs_service:workers`: each worker's last heartbeat, in Redis's own clock.
-- `jobs_service:deliveries:<sha1 of the message>`: how many times the message was handed out
-  without being acknowledged or requeued by a warm shutdown; past the poison limit it is not
+- `jobs_service:deliveries:<sha1 of the message>`: how many of the message's deliveries ended
+  in the death of the process holding it (a whole worker whose heartbeat lapsed, counted by
+  the recovery; a pool process, counted when the worker requeues it); at the poison limit it is not
   handed out again.
 - `jobs_service:rejected`: messages taken out of circulation (malformed, poison) waiting to be
   written to the dead-letter store, each as `<JSON header>\\n<raw message>`.
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 #: KEYS: unacked, unacked index, inflight, held set, workers, rejected, paused, queue lists...
 #: ARGV: index time (the client's clock, as kombu's records), delivery tag, worker id, poison
-#: limit (deliveries allowed without an acknowledgement), delivery counter prefix, counter TTL,
+#: limit (deaths of its holder after which a message is not handed out again), death counter
+#: prefix, counter TTL,
 #: then per queue list: the queue name it is delivered as, "1" if its consumer acknowledges.
 #: Returns false when every unpaused queue is empty, else {position of the list, message, what
 #: happened}: 1 recorded, 0 handed out unrecorded (a no_ack consumer), 2 rejected (not a JSON
@@ -53,15 +55,14 @@ for i = 1, queues do
         return {i, item, 2}
       end
       local counter = ARGV[5] .. redis.sha1hex(item)
-      local deliveries = redis.call('INCR', counter)
-      if deliveries > tonumber(ARGV[4]) then
+      local deaths = tonumber(redis.call('GET', counter) or '0')
+      if deaths >= tonumber(ARGV[4]) then
         redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = ARGV[2],
-          reason = 'poison', deaths = deliveries - 1}) .. '\\n' .. item)
+          reason = 'poison', deaths = deaths}) .. '\\n' .. item)
         redis.call('DEL', counter)
         redis.call('RPOP', key)
         return {i, item, 3}
       end
-      redis.call('EXPIRE', counter, ARGV[6])
       local suffix = ',"",' .. cjson.encode(queue) .. ']'
       redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
       redis.call('HSET', KEYS[1], ARGV[2], '[' .. item .. suffix)
@@ -79,8 +80,8 @@ return false
 
 #: Ends a delivery this transport recorded.
 #: KEYS: unacked, unacked index, inflight. ARGV: tag, how ("ack"; "head" or "tail": put the
-#: message back at that end of its queue), "1" if it is not to count as a death (a warm
-#: shutdown), held-set prefix.
+#: message back at that end of its queue), "1" if the delivery ended in the death of the
+#: process running it (counted towards the poison limit), held-set prefix, counter TTL.
 #: Returns 0 when the records were gone: another worker recovered the message meanwhile.
 SETTLE = """
 local info = redis.call('HGET', KEYS[3], ARGV[1])
@@ -102,8 +103,9 @@ else
       redis.call('LPUSH', held[2], item)
     end
   end
-  if ARGV[3] == '1' and redis.call('DECR', held[3]) <= 0 then
-    redis.call('DEL', held[3])
+  if ARGV[3] == '1' then
+    redis.call('INCR', held[3])
+    redis.call('EXPIRE', held[3], ARGV[5])
   end
 end
 redis.call('HDEL', KEYS[3], ARGV[1])
@@ -156,7 +158,7 @@ return 0
 #: Puts back what workers whose heartbeat lapsed held, at the head of the queues it came from,
 #: and forgets those workers. KEYS: workers, inflight, unacked, unacked index.
 #: ARGV: seconds without a heartbeat that make a worker dead, held-set prefix, info prefix,
-#: most workers to recover in one call.
+#: most workers to recover in one call, death counter TTL.
 #: Returns {worker, messages put back, ...}.
 RECOVER = """
 local now = redis.call('TIME')
@@ -173,6 +175,8 @@ for _, worker in ipairs(dead) do
       local h = cjson.decode(info)
       if record then
         redis.call('RPUSH', h[2], string.sub(record, 2, #record - h[4]))
+        redis.call('INCR', h[3])
+        redis.call('EXPIRE', h[3], ARGV[5])
         restored = restored + 1
       end
       redis.call('HDEL', KEYS[2], tag)

@@ -23,9 +23,12 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   read and (with `check_tasks`) a message Celery's request parser would raise on are taken out
   of circulation in one script and dead-lettered (`app.delivery.rejected`), with the reason and
   their raw bytes; so is any message whose handling raises into the event loop anyway.
-- **Poison messages.** A message handed out `poison_after` times (3) without being acknowledged,
-  each time ended by the death of the worker or pool process holding it, is dead-lettered
-  instead of being handed out a fourth time.
+- **Poison messages.** A message whose deliveries ended `poison_after` times (3) in the death
+  of the process holding it is dead-lettered instead of being handed out again. A whole
+  worker's death is counted by the recovery; a pool process's, when the worker requeues the
+  job after it (`app.delivery.requests.Request` tells the transport so; an app whose tasks
+  do not use that request class gets kombu's plain requeue there). A job that asks to be
+  requeued (`Reject(requeue=True)`) and a warm shutdown's requeue are not deaths.
 - **Only what will be acknowledged is recorded.** A `no_ack` consumer (the reply queues that
   `celery inspect` reads) gets its message popped, not recorded.
 - **Pausing and aliases.** A queue in `jobs_service:paused` is skipped by every worker's next
@@ -70,8 +73,6 @@ from app.delivery.records import Keys
 
 #: How long an idle channel blocks on its first queue before looking at all of them again.
 DEFAULT_FETCH_WAIT = 0.1
-#: How long a delivery counter outlives its last delivery (it is deleted on acknowledgement).
-DELIVERY_COUNTER_TTL = 14 * 24 * 3600
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._owned: set[str] = set()  # tags FETCH recorded for this channel
+        self._deaths: set[str] = set()  # tags whose process died running them (requests.py)
+
+    def died(self, delivery_tag: str) -> None:
+        """The process running this delivery died: its requeue counts towards poison."""
+        self._deaths.add(delivery_tag)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         channel: Channel = self.channel
@@ -119,10 +125,13 @@ class QoS(kombu_redis.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if delivery_tag in self._owned:
-            # A requeue after the process running it died (reject_on_worker_lost) goes to
-            # the back of its queue, as kombu's does, and counts towards the poison limit.
-            self.channel._settle(delivery_tag, "tail" if requeue else "ack")
+            # A requeue goes to the back of its queue, as kombu's does; one after the process
+            # running it died (reject_on_worker_lost) counts towards the poison limit, one a
+            # job asked for (Reject(requeue=True)) does not.
+            death = requeue and delivery_tag in self._deaths
+            self.channel._settle(delivery_tag, "tail" if requeue else "ack", death=death)
             self._owned.discard(delivery_tag)
+            self._deaths.discard(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().reject(delivery_tag, requeue=requeue)
@@ -130,7 +139,7 @@ class QoS(kombu_redis.QoS):
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         tag = bytes_to_str(tag)
         if tag in self._owned:  # the warm-shutdown requeue: back at the head, not a death
-            self.channel._settle(tag, "tail" if leftmost else "head", graceful=True)
+            self.channel._settle(tag, "tail" if leftmost else "head")
             self._owned.discard(tag)
         else:
             super().restore_by_tag(tag, client, leftmost)
@@ -178,7 +187,7 @@ class Channel(kombu_redis.Channel):
     #: Seconds between a worker's heartbeats, and without one before it counts as dead.
     heartbeat_interval = heartbeat.DEFAULT_INTERVAL
     heartbeat_timeout = heartbeat.DEFAULT_TIMEOUT
-    #: Deliveries ended by the holder's death before a message is dead-lettered as poison.
+    #: Deaths of the process holding a message before it is dead-lettered as poison.
     poison_after = 3
     #: {queue consumed: (other list names taken as that queue)}.
     queue_aliases: dict[str, tuple[str, ...]] = {}  # noqa: RUF012  (a kombu transport option)
@@ -226,7 +235,7 @@ class Channel(kombu_redis.Channel):
             script = self._scripts[source] = self.plain_client.register_script(source)
         return script
 
-    def _settle(self, tag: str, how: str, graceful: bool = False) -> None:
+    def _settle(self, tag: str, how: str, death: bool = False) -> None:
         keys = self.keys
         found = self._script(scripts.SETTLE)(
             keys=[
@@ -234,7 +243,7 @@ class Channel(kombu_redis.Channel):
                 self._prefixed(self.unacked_index_key),
                 keys.inflight,
             ],
-            args=[tag, how, "1" if graceful else "0", keys.held("")],
+            args=[tag, how, "1" if death else "0", keys.held(""), heartbeat.DEATHS_TTL],
         )
         if not found and how == "ack":
             logger.warning(
@@ -332,7 +341,7 @@ class Channel(kombu_redis.Channel):
             self.worker,
             self.poison_after,
             keys.deliveries,
-            DELIVERY_COUNTER_TTL,
+            heartbeat.DEATHS_TTL,
             *queue_args,
         )
 

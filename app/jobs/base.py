@@ -127,6 +127,8 @@ class Job(Task):  # type: ignore[misc]
     around_perform: tuple[AroundPerform, ...] = ()
     #: The policies count attempts per exception class; Celery's own cap would cut them short.
     max_retries = None
+    #: Tells the transport when a requeue follows the death of the job's process (poison).
+    Request = "app.delivery.requests:Request"
 
     @cached_property
     def policies(self) -> tuple[Policy, ...]:

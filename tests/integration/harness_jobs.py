@@ -111,3 +111,27 @@ def kill_my_process(token: str) -> None:
     EXECUTIONS.append({"token": token, "pid": os.getpid()})
     print(f"kill_my_process {token} in {os.getpid()}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@job("jobs.test_requeue_then_record")
+def requeue_then_record(sku: str, requeues: int) -> int:
+    """Ask to be requeued `requeues` times (counted in the broker's Redis), then record `sku`."""
+    import redis
+    from celery.exceptions import Reject
+
+    from app.settings import get_endpoints, redis_client_url
+
+    client = redis.Redis.from_url(redis_client_url(get_endpoints().broker_url) or "")
+    if int(client.incr(f"test:requeues:{sku}")) <= requeues:
+        raise Reject("not yet", requeue=True)
+    return int(create_product.run(sku, 0))
+
+
+@job("jobs.test_kill_my_worker")
+def kill_my_worker(token: str) -> None:
+    """Take the whole worker down with the job, as a host lost mid-job would."""
+    import os
+    import signal
+
+    print(f"kill_my_worker {token} in {os.getpid()}", flush=True)
+    os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -160,6 +160,61 @@ def test_a_message_that_keeps_killing_its_process_is_dead_lettered_as_poison(
     assert not client.keys("jobs_service:deliveries:*")
 
 
+def test_a_message_that_keeps_killing_its_whole_worker_is_dead_lettered_as_poison(
+    services: Services, tmp_path: Path
+) -> None:
+    """Each delivery takes the whole worker down; a supervisor restarts it; the heartbeat
+    recovery counts each death, and after the third the message is not handed out again."""
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    worker = CrashingWorker(worker_env(services, broker), tmp_path / "worker.log")
+    producer = producer_for(broker)
+    restarts = 0
+    try:
+        worker.start()
+        ready(worker.log)
+        poison = producer.send_task("jobs.test_kill_my_worker", args=["w1"], queue="default")
+        deadline = time.monotonic() + 120
+        while not scalar(select(func.count()).select_from(DeadLetter)):
+            assert time.monotonic() < deadline, "never dead-lettered"
+            assert worker.process is not None
+            if worker.process.poll() is not None:  # the supervisor's restart
+                restarts += 1
+                worker.start()
+            time.sleep(0.2)
+        producer.send_task("jobs.test_record_sku", args=["after-worker-poison"], queue="default")
+        wait_until(lambda: product_count("after-worker-poison") == 1, timeout=30)
+    finally:
+        worker.stop()
+    assert restarts == 3
+    assert worker.log.read_text().count("kill_my_worker w1 in") == 3
+    with session_scope() as session:
+        [entry] = session.scalars(select(DeadLetter))
+        assert (entry.reason, entry.task_id, entry.attempts) == ("poison", poison.id, 3)
+
+
+def test_a_job_that_asks_to_be_requeued_is_not_taken_for_poison(
+    services: Services, tmp_path: Path
+) -> None:
+    """Reject(requeue=True) five times: five requeues, none a death, then the job runs."""
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    worker = CrashingWorker(worker_env(services, broker), tmp_path / "worker.log")
+    try:
+        worker.start()
+        ready(worker.log)
+        producer_for(broker).send_task(
+            "jobs.test_requeue_then_record", args=["requeued", 5], queue="default"
+        )
+        wait_until(lambda: product_count("requeued") == 1, timeout=60)
+    finally:
+        worker.stop()
+    assert int(client.get("test:requeues:requeued") or 0) == 6
+    assert scalar(select(func.count()).select_from(DeadLetter)) == 0
+    assert not client.keys("jobs_service:deliveries:*")
+
+
 def test_messages_sharing_one_delivery_tag_survive_a_warm_shutdown(
     services: Services, tmp_path: Path
 ) -> None:

@@ -1,0 +1,37 @@
+"""Celery's request, telling the transport when a job's process died under it.
+
+Celery requeues a job whose pool process died (`task_reject_on_worker_lost`) with the same call
+it uses for a job that asked to be requeued (`Reject(requeue=True)`); only the first is a death
+that counts towards the poison limit (`app.delivery.transport`). The app's tasks and the job
+layer use this class (`Task.Request`), which tells the transport before Celery requeues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task as CeleryTask
+from celery.exceptions import WorkerLostError
+from celery.worker.request import Request as CeleryRequest
+
+
+class Request(CeleryRequest):  # type: ignore[misc]
+    """A request whose requeue after WorkerLostError counts as a death of its message."""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exception = getattr(exc_info, "exception", None)
+        exception = getattr(exception, "exc", exception)  # (ExceptionWithTraceback)
+        if isinstance(exception, WorkerLostError):
+            qos = getattr(getattr(self._message, "channel", None), "qos", None)
+            died = getattr(qos, "died", None)
+            if died is not None:
+                died(self._message.delivery_tag)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+class Task(CeleryTask):  # type: ignore[misc]
+    """The app's base task: Celery's, with the request above."""
+
+    Request = f"{__name__}:Request"
