@@ -7,6 +7,7 @@
 - `envelope`: what a message must be before kombu and Celery see it.
 - `rejected`: messages taken out of circulation, on their way to the dead-letter store.
 - `records`: the Redis key names, and what operators read and change (workers, pausing).
+- `requests`: Celery's request class, telling the transport which requeues follow a death.
 - `bulk`: many jobs published to Redis in few round trips (`perform_all_later`).
 
 The job layer (`app.jobs`) holds the job semantics and uses this package to publish.
