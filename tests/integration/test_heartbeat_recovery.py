@@ -143,6 +143,8 @@ def test_a_message_that_keeps_killing_its_process_is_dead_lettered_as_poison(
         producer.send_task("jobs.test_record_sku", args=["after-poison"], queue="default")
         wait_until(lambda: product_count("after-poison") == 1, timeout=30)
         assert worker.process is not None and worker.process.poll() is None
+        # (acknowledged before the stop: its SIGTERM reaches the pool processes too)
+        wait_until(lambda: held(client) == 0, timeout=30)
     finally:
         worker.stop()
     with session_scope() as session:

@@ -107,8 +107,10 @@ class CrashingWorker:
         self.process.wait()
 
     def stop(self) -> None:
+        """A warm shutdown: SIGTERM to the worker's main process (as an operator sends it; the
+        worker lets its pool finish), SIGKILL to the whole group after a minute."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
