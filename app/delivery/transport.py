@@ -39,16 +39,24 @@ Everything else is kombu's: the message format, publishing, acknowledgement book
 warm-shutdown requeue, `basic_get`. Producers need nothing, and a stock kombu worker can share
 the Redis.
 
-Differences from kombu's own Redis integration tests (kombu 5.7's sdist,
-`t/integration/test_redis.py`, run with this transport swapped in):
+Differences from kombu's and Celery's own integration suites, run from their 5.7 sdists with
+this transport swapped in (kombu's `t/integration`: 125 of 129 pass, against 129 with kombu's
+transport):
 
-- The tests that assert a `BRPOP` stays outstanding across `drain_events` calls
-  (`test_half_open_connection_dropped_by_drain_events`, `test_hub_pauses_pending_brpop_until_ack`,
-  `test_drain_events_resumes_pending_brpop_without_resending`) rest on kombu's blocking fetch.
-  This transport fetches with a script that returns at once and waits with a `BLMOVE` of at most
-  `fetch_wait` seconds, so no command is outstanding between two polls for long; a half-open
-  connection is dropped by the same socket timeout, and a late message is delivered by the next
-  fetch.
+- kombu's `test_half_open_connection_dropped_by_drain_events` (two cases),
+  `test_hub_pauses_pending_brpop_until_ack[message]` and
+  `test_drain_events_resumes_pending_brpop_without_resending`, and the fixture of Celery's
+  `test_connection_recovery.py` (`test_reconnect_cleanup_is_bounded`,
+  `test_cold_shutdown_teardown_is_bounded`, which asserts "BRPOP was not armed"), rest on a
+  premise of kombu's transport: a `BRPOP` left outstanding between two polls. This transport
+  fetches with a script that returns at once and waits with a `BLMOVE` of at most `fetch_wait`
+  seconds, so no command stays outstanding for long; a half-open connection is dropped by the
+  same socket timeout, and a message that arrives late is delivered by the next fetch.
+- Celery's `test_reject_with_requeue_redelivers_and_succeeds` failed with a first version that
+  counted every requeue towards the poison limit. Deaths are now counted only where they are
+  known (the heartbeat recovery, and `app.delivery.requests.Request`), so a requeue a task asks
+  for never counts (`test_a_job_that_asks_to_be_requeued_is_not_taken_for_poison`); Celery's
+  suite was not run again after that change.
 """
 
 from __future__ import annotations
