@@ -109,6 +109,8 @@ broker_transport_options = {
     # Celery's protocol is checked before the consumer sees a message: one it would raise on
     # goes to the dead-letter store instead of stopping the worker.
     "check_tasks": True,
+    # What is taken out of circulation goes to this service's dead-letter store.
+    "drain_rejected": True,
     "unacked_restore_interval": 10,
     "unacked_restore_throttle": 1,
 }

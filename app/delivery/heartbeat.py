@@ -69,12 +69,16 @@ class Heartbeat:
         unacked: tuple[str, str],
         interval: float,
         timeout: float,
+        drain_rejected: bool = False,
     ) -> None:
         self.client = redis.Redis(connection_pool=pool)
         self.keys = keys
         self.unacked = unacked  # kombu's unacked hash and its index
         self.interval = interval
         self.timeout = timeout
+        #: Write rejected messages to the service's dead-letter store (its workers only: a
+        #: foreign app sharing the transport has no such database).
+        self.drain_rejected = drain_rejected
         self.paused: frozenset[str] = frozenset()
         self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -190,6 +194,8 @@ class Heartbeat:
             self._healthy_since = now
         if now - self._healthy_since >= self.timeout:
             self.recover()
+        if not self.drain_rejected:
+            return
         from app.delivery import rejected
 
         rejected.drain(self.client, self.keys, f"{socket.gethostname()}.{os.getpid()}")
@@ -225,7 +231,14 @@ _agents_lock = threading.Lock()
 
 def for_channel(channel: Channel) -> Heartbeat:
     """This process's heartbeat for the Redis of `channel`, started if need be."""
-    params = channel._connparams()
+    params = dict(channel._connparams())
+    # Every heartbeat command is a short script: a broker gone silent must not hang the thread,
+    # nor a channel's close (which retires its worker through this pool).
+    timeout = float(channel.heartbeat_timeout)
+    params["socket_timeout"] = min(float(params.get("socket_timeout") or timeout), timeout)
+    if "path" not in params:  # (a unix socket connection takes no connect timeout)
+        connect = params.get("socket_connect_timeout") or timeout
+        params["socket_connect_timeout"] = min(float(connect), timeout)
     location = tuple(str(params.get(name)) for name in ("host", "port", "path", "db", "username"))
     key = (os.getpid(), location, channel.keys.prefix)
     with _agents_lock:
@@ -240,6 +253,7 @@ def for_channel(channel: Channel) -> Heartbeat:
                 ),
                 float(channel.heartbeat_interval),
                 float(channel.heartbeat_timeout),
+                drain_rejected=bool(channel.drain_rejected),
             )
             _agents[key] = agent
             agent.start()

@@ -190,6 +190,7 @@ class Channel(kombu_redis.Channel):
         "poison_after",
         "queue_aliases",
         "check_tasks",
+        "drain_rejected",
     )
     fetch_wait = DEFAULT_FETCH_WAIT
     #: Seconds between a worker's heartbeats, and without one before it counts as dead.
@@ -201,6 +202,8 @@ class Channel(kombu_redis.Channel):
     queue_aliases: dict[str, tuple[str, ...]] = {}  # noqa: RUF012  (a kombu transport option)
     #: Check Celery's protocol before delivering (celeryconfig turns it on for the workers).
     check_tasks = False
+    #: Write rejected messages to the dead-letter store (celeryconfig turns it on).
+    drain_rejected = False
     #: After Redis refuses a fetch (a full `noeviction` server answers OOM), the seconds before
     #: the next: the script wrote nothing, so every message is still queued.
     refused_backoff = 1.0
