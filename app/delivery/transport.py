@@ -43,15 +43,18 @@ Differences from kombu's and Celery's own integration suites, run from their 5.7
 this transport swapped in (kombu's `t/integration`: 125 of 129 pass, against 129 with kombu's
 transport):
 
-- kombu's `test_half_open_connection_dropped_by_drain_events` (two cases),
-  `test_hub_pauses_pending_brpop_until_ack[message]` and
-  `test_drain_events_resumes_pending_brpop_without_resending`, and the fixture of Celery's
+- kombu's `test_redis.py::test_half_open_connection_dropped_by_drain_events` (two cases),
+  `test_redis_brpop_qos.py::test_hub_pauses_pending_brpop_until_ack[message]` and
+  `::test_drain_events_resumes_pending_brpop_without_resending`, and the fixture of Celery's
   `test_connection_recovery.py` (`test_reconnect_cleanup_is_bounded`,
   `test_cold_shutdown_teardown_is_bounded`, which asserts "BRPOP was not armed"), rest on a
   premise of kombu's transport: a `BRPOP` left outstanding between two polls. This transport
   fetches with a script that returns at once and waits with a `BLMOVE` of at most `fetch_wait`
-  seconds, so no command stays outstanding for long; a half-open connection is dropped by the
-  same socket timeout, and a message that arrives late is delivered by the next fetch.
+  seconds, so no command stays outstanding for long. A half-open connection is still dropped by
+  kombu's health check (`test_half_open_connection_dropped_and_consumption_resumes` passes;
+  with a real clock it dropped after 2 s); the fake clock of the first test is set from a send
+  time the next fetch moves on. A message that arrives after an "empty" answer is delivered by
+  the next fetch.
 - Celery's `test_reject_with_requeue_redelivers_and_succeeds` failed with a first version that
   counted every requeue towards the poison limit. Deaths are now counted only where they are
   known (the heartbeat recovery, and `app.delivery.requests.Request`), so a requeue a task asks
