@@ -6,14 +6,12 @@ one stops the process with one line naming the variable.
 
 from __future__ import annotations
 
-import logging
 import os
 
 from celery.schedules import crontab
 from kombu.entity import Queue
 
 from app.delivery import transport
-from app.jobs.policies import MAX_RETRY_WAIT
 from app.settings import QUEUES, ConfigError, get_endpoints, get_settings, redis_client_url
 
 try:
@@ -119,13 +117,6 @@ result_backend_transport_options = {"visibility_timeout": _settings.visibility_t
 # the backend is back instead of failing the job after its work committed.
 result_backend_always_retry = True
 result_backend_max_retries = 60
-if _settings.visibility_timeout <= MAX_RETRY_WAIT:
-    logging.getLogger(__name__).warning(
-        "BROKER_VISIBILITY_TIMEOUT=%s is not above the longest retry wait (%s s): scheduled "
-        "retries may run twice (jobs are idempotent, but it costs work)",
-        _settings.visibility_timeout,
-        MAX_RETRY_WAIT,
-    )
 # Every job has a soft time limit (SoftTimeLimitExceeded is raised inside it, so its
 # transaction rolls back) and a hard one (its process is killed and replaced); both end in the
 # dead-letter store. A job that needs longer says so in its declaration (`@job(...,

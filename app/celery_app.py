@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
 from app import logs  # noqa: F401  (connects the log set-up and job-context signals)
+from app.delivery.scheduled import install_revoke_hook
 
 celery_app = Celery("jobs_service", task_cls="app.delivery.requests:Task")
 celery_app.config_from_object("celeryconfig")
+# A revoke deletes the job from the scheduled set too (Celery keeps revoked ids in memory only).
+signals.worker_init.connect(install_revoke_hook, weak=False)

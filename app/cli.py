@@ -7,6 +7,8 @@
     jobs-service schedule                    the beat schedule with next run times
     jobs-service health                      exits 1 when no worker answers or jobs are stranded
     jobs-service dead-letters list|show|retry|discard
+    jobs-service scheduled list|show|run-now|delete   jobs waiting in Redis for their time
+    jobs-service retries list                         jobs waiting to be tried again
 
 Output is a readable table by default and JSON with `--json`. Arguments holding personal or
 payment data are redacted in every listing.
@@ -249,7 +251,7 @@ def _broker_redis() -> tuple[Any, str]:
 
     url = redis_client_url(get_endpoints().broker_url)
     if url is None:
-        _fail("pausing needs a Redis broker (RabbitMQ has no such switch here)")
+        _fail("this command needs a Redis broker (RabbitMQ keeps no such records here)")
     prefix = str((celery.conf.broker_transport_options or {}).get("global_keyprefix") or "")
     return redis.Redis.from_url(url), prefix
 
@@ -527,6 +529,154 @@ def discard_command(entry_ids: tuple[int, ...], everything: bool) -> None:
             except dead_letters.DeadLetterNotFound as exc:
                 _fail(str(exc))
         click.echo(f"discarded #{entry_id} {entry.job_name}")
+
+
+@main.group("scheduled")
+def scheduled_group() -> None:
+    """Jobs waiting in Redis for their time (countdown, eta, retries): list, show, run-now,
+    delete."""
+
+
+@main.group("retries")
+def retries_group() -> None:
+    """Jobs waiting in Redis to be tried again."""
+
+
+def _scheduled_dict(entry: Any, *, full: bool) -> dict[str, Any]:
+    import datetime as dt
+
+    from app import celery
+    from app.jobs.arguments import SENSITIVE_NAMES, redact, redacted_arguments
+
+    args, kwargs = entry.arguments
+    job = celery.tasks.get(entry.job_name or "")
+    if job is not None and hasattr(job, "sensitive_names"):
+        arguments = redacted_arguments(job.run, args, kwargs, job.sensitive_names)
+    else:
+        arguments = {
+            "args": redact(list(args), SENSITIVE_NAMES),
+            "kwargs": redact(dict(kwargs), SENSITIVE_NAMES),
+        }
+    shown: dict[str, Any] = {
+        "task_id": entry.task_id or entry.member,
+        "due": dt.datetime.fromtimestamp(entry.due, dt.UTC).isoformat(timespec="seconds"),
+        "job": entry.job_name,
+        "queue": entry.queue,
+        "attempt": entry.retries + 1,
+        "error": entry.error,
+        "arguments": arguments,
+    }
+    if full:
+        headers = entry.message.get("headers") or {}
+        shown.update(
+            member=entry.member,
+            retries=entry.retries,
+            headers={k: v for k, v in headers.items() if k not in ("argsrepr", "kwargsrepr")},
+        )
+    return shown
+
+
+def _list_scheduled(job_name: str | None, limit: int, as_json: bool, retries_only: bool) -> None:
+    from app.delivery import scheduled
+
+    client, prefix = _broker_redis()
+
+    def read() -> tuple[list[dict[str, Any]], Any]:
+        found = scheduled.entries(
+            client, prefix, job_name=job_name, retries_only=retries_only, limit=limit
+        )
+        return [_scheduled_dict(e, full=False) for e in found], scheduled.stats(client, prefix)
+
+    rows, stats = _broker_call(read)
+    what = "retries" if retries_only else "scheduled jobs"
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "total": stats.size,
+                    "oldest_overdue_seconds": round(stats.oldest_overdue, 3),
+                    "entries": rows,
+                },
+                indent=2,
+            )
+        )
+        return
+    if not rows:
+        click.echo(f"no {what} waiting")
+        return
+    columns = ["task_id", "due", "job", "queue", "attempt"]
+    columns += ["error", "arguments"] if retries_only else ["arguments"]
+    click.echo(_table(rows, columns))
+    click.echo(f"({len(rows)} shown; {stats.size} waiting in all, retries and scheduled jobs)")
+
+
+@scheduled_group.command("list")
+@click.option("--limit", default=50, show_default=True, help="How many, soonest first.")
+@click.option("--job", "job_name", default=None, help="Only this job, e.g. jobs.send_email.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def scheduled_list_command(limit: int, job_name: str | None, as_json: bool) -> None:
+    """List the jobs waiting for their time, soonest first."""
+    if limit < 1:
+        _fail(f"--limit must be at least 1, got {limit}")
+    _list_scheduled(job_name, limit, as_json, retries_only=False)
+
+
+@retries_group.command("list")
+@click.option("--limit", default=50, show_default=True, help="How many, soonest first.")
+@click.option("--job", "job_name", default=None, help="Only this job, e.g. jobs.send_email.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def retries_list_command(limit: int, job_name: str | None, as_json: bool) -> None:
+    """List the jobs waiting to be tried again, with their last error and next attempt."""
+    if limit < 1:
+        _fail(f"--limit must be at least 1, got {limit}")
+    _list_scheduled(job_name, limit, as_json, retries_only=True)
+
+
+@scheduled_group.command("show")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def scheduled_show_command(task_id: str, as_json: bool) -> None:
+    """Show one waiting job."""
+    from app.delivery import scheduled
+
+    client, prefix = _broker_redis()
+    try:
+        entry = _broker_call(lambda: scheduled.get(client, task_id, prefix))
+    except scheduled.EntryNotFound as exc:
+        _fail(str(exc))
+    shown = _scheduled_dict(entry, full=True)
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        click.echo(f"{key.ljust(width)}  {_cell(value, 2000)}")
+
+
+@scheduled_group.command("run-now")
+@click.argument("task_ids", nargs=-1, required=True)
+def scheduled_run_now_command(task_ids: tuple[str, ...]) -> None:
+    """Make waiting jobs due now: the next poll (within a second) enqueues them."""
+    from app.delivery import scheduled
+
+    client, prefix = _broker_redis()
+    for task_id in task_ids:
+        if not _broker_call(lambda t=task_id: scheduled.run_now(client, t, prefix)):
+            _fail(f"no scheduled job with task id {task_id!r}")
+        click.echo(f"{task_id}: due now")
+
+
+@scheduled_group.command("delete")
+@click.argument("task_ids", nargs=-1, required=True)
+def scheduled_delete_command(task_ids: tuple[str, ...]) -> None:
+    """Delete waiting jobs: they never run."""
+    from app.delivery import scheduled
+
+    client, prefix = _broker_redis()
+    for task_id in task_ids:
+        if not _broker_call(lambda t=task_id: scheduled.delete(client, t, prefix)):
+            _fail(f"no scheduled job with task id {task_id!r}")
+        click.echo(f"{task_id}: deleted")
 
 
 if __name__ == "__main__":

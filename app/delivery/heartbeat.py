@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from app.delivery import scripts
+from app.delivery import scheduled, scripts
 from app.delivery.records import Keys, paused
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class Heartbeat:
         interval: float,
         timeout: float,
         drain_rejected: bool = False,
+        poll_interval: float = scheduled.POLL_INTERVAL,
     ) -> None:
         self.client = redis.Redis(connection_pool=pool)
         self.keys = keys
@@ -90,6 +91,9 @@ class Heartbeat:
         self._registered: set[str] = set()
         self._healthy_since: float | None = None
         self._failing = False
+        #: Moves due jobs from the scheduled set into their queues (a thread of its own, so
+        #: that its pace does not follow the heartbeat's).
+        self.poller: scheduled.Poller | None = scheduled.Poller(self.client, keys, poll_interval)
 
     @property
     def alive(self) -> bool:
@@ -126,13 +130,17 @@ class Heartbeat:
         self._wake.set()
 
     def start(self) -> None:
-        """Keep beating in the thread."""
+        """Keep beating in the thread, and polling the scheduled set in another."""
         self._thread.start()
+        if self.poller is not None:
+            self.poller.start()
 
     def stop(self) -> None:
-        """Stop the thread."""
+        """Stop the threads."""
         self._stop.set()
         self._wake.set()
+        if self.poller is not None:
+            self.poller.stop()
 
     def beat(self) -> None:
         """Write every attached channel's heartbeat and read the paused queues."""
@@ -254,6 +262,7 @@ def for_channel(channel: Channel) -> Heartbeat:
                 float(channel.heartbeat_interval),
                 float(channel.heartbeat_timeout),
                 drain_rejected=bool(channel.drain_rejected),
+                poll_interval=float(channel.poll_interval),
             )
             _agents[key] = agent
             agent.start()

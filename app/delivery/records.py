@@ -21,6 +21,8 @@ DELIVERIES = NAMESPACE + "deliveries:"  # + sha1 of the message
 PAUSED = NAMESPACE + "paused"
 REJECTED = NAMESPACE + "rejected"
 REJECTED_LOCK = NAMESPACE + "rejected:lock"
+SCHEDULE = NAMESPACE + "schedule"
+SCHEDULE_MESSAGES = NAMESPACE + "schedule:messages"
 #: A list nothing writes to: a channel whose queues are all paused waits on it.
 IDLE = NAMESPACE + "idle"
 

@@ -215,3 +215,90 @@ for _, tag in ipairs(tags) do
 end
 return unowned
 """
+
+# The scheduled set ---------------------------------------------------------------------------
+#
+# `jobs_service:schedule` (member -> due time, in seconds since the epoch) and
+# `jobs_service:schedule:messages` (member -> `<JSON header>\n<raw message>`, the header naming
+# the list the message goes to when due). A member is the message's task id, or, when another
+# message already waits under that id, the id and the first 12 hex digits of the message's
+# SHA-1: the same message scheduled twice waits once, two different ones both wait.
+
+#: Shared by SCHEDULE and DEFER: adds ARGV[1] (member base), due ARGV[2], header ARGV[3],
+#: message `item` to KEYS[1] (the set) and KEYS[2] (its messages). Returns the member, or ''
+#: when the same message already waits.
+_ADD = """
+local function add(item)
+  local member = ARGV[1]
+  if member == '' then
+    member = redis.sha1hex(item)
+  end
+  local entry = ARGV[3] .. '\\n' .. item
+  local found = redis.call('HGET', KEYS[2], member)
+  if found then
+    if found == entry then
+      return ''
+    end
+    member = member .. ':' .. string.sub(redis.sha1hex(item), 1, 12)
+    if redis.call('HEXISTS', KEYS[2], member) == 1 then
+      return ''
+    end
+  end
+  redis.call('HSET', KEYS[2], member, entry)
+  redis.call('ZADD', KEYS[1], ARGV[2], member)
+  return member
+end
+"""
+
+#: Puts a message into the scheduled set instead of a queue (a producer's `_put`).
+#: KEYS: schedule, schedule messages. ARGV: member base (the task id, or ''), due time,
+#: JSON header, the message.
+SCHEDULE = _ADD + "return add(ARGV[4])\n"
+
+#: Moves a delivered message that is not due yet into the scheduled set, and ends its delivery,
+#: in one step (a foreign producer's ETA message; no worker holds it until it is due).
+#: KEYS: schedule, schedule messages, unacked, unacked index, inflight.
+#: ARGV: member base, due time, JSON header, tag, held-set prefix.
+#: Returns false when the delivery's records were gone (recovered meanwhile), else the member.
+DEFER = (
+    _ADD
+    + """
+local info = redis.call('HGET', KEYS[5], ARGV[4])
+local record = redis.call('HGET', KEYS[3], ARGV[4])
+if not (info and record) then
+  return false
+end
+local held = cjson.decode(info)
+local member = add(string.sub(record, 2, #record - held[4]))
+redis.call('DEL', held[3])
+redis.call('HDEL', KEYS[5], ARGV[4])
+redis.call('HDEL', KEYS[3], ARGV[4])
+redis.call('ZREM', KEYS[4], ARGV[4])
+redis.call('SREM', ARGV[5] .. held[1], ARGV[4])
+return member
+"""
+)
+
+#: Moves every due message (at most ARGV[1]) into the list its header names, in Redis's clock,
+#: each exactly once however many workers poll: a member leaves the set in the step that
+#: pushes its message. KEYS: schedule, schedule messages. ARGV: most to move.
+#: Returns {messages moved, the next due time or '', Redis's time}.
+RELEASE = """
+local now = redis.call('TIME')
+local t = now[1] + now[2] / 1000000
+local due = redis.call('ZRANGE', KEYS[1], '-inf', t, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
+local moved = 0
+for _, member in ipairs(due) do
+  local entry = redis.call('HGET', KEYS[2], member)
+  if entry then
+    local cut = string.find(entry, '\\n', 1, true)
+    local header = cjson.decode(string.sub(entry, 1, cut - 1))
+    redis.call('LPUSH', header.key, string.sub(entry, cut + 1))
+    redis.call('HDEL', KEYS[2], member)
+    moved = moved + 1
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {moved, next[2] or '', string.format('%.6f', t)}
+"""

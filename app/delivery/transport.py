@@ -76,9 +76,9 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
-from app.delivery import heartbeat, scripts
+from app.delivery import heartbeat, scheduled, scripts
 from app.delivery.envelope import envelope_problem, task_problem
 from app.delivery.records import Keys
 
@@ -194,6 +194,8 @@ class Channel(kombu_redis.Channel):
         "queue_aliases",
         "check_tasks",
         "drain_rejected",
+        "schedule_after",
+        "poll_interval",
     )
     fetch_wait = DEFAULT_FETCH_WAIT
     #: Seconds between a worker's heartbeats, and without one before it counts as dead.
@@ -210,6 +212,10 @@ class Channel(kombu_redis.Channel):
     #: After Redis refuses a fetch (a full `noeviction` server answers OOM), the seconds before
     #: the next: the script wrote nothing, so every message is still queued.
     refused_backoff = 1.0
+    #: A message due more than this many seconds ahead waits in the scheduled set.
+    schedule_after = scheduled.SCHEDULE_AFTER
+    #: The longest the scheduled-set poller sleeps (it wakes sooner for the next due job).
+    poll_interval = scheduled.POLL_INTERVAL
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recorded_tag: str | None = None
@@ -286,6 +292,60 @@ class Channel(kombu_redis.Channel):
         )
         if self._heartbeat is not None:
             self._heartbeat.wake()
+
+    # Publishing ------------------------------------------------------------------------------
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        """kombu's publish, except that a message due later waits in the scheduled set."""
+        due = scheduled.due_time(message)
+        if due is None or due - time.time() <= float(self.schedule_after):
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        keys = self.keys
+        arguments = (
+            scheduled.member_base(message),
+            repr(due),
+            scheduled.entry_header(queue, self._prefixed(key), message),
+            dumps(message),
+        )
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:  # kombu's publish batch (and BulkPublish) send it in a pipeline
+            batch.add(
+                "eval", scripts.SCHEDULE, 2, keys.schedule, keys.schedule_messages, *arguments
+            )
+            return
+        self._script(scripts.SCHEDULE)(
+            keys=[keys.schedule, keys.schedule_messages], args=list(arguments)
+        )
+
+    def defer(self, tag: str, queue: str, payload: dict[str, Any], due: float) -> None:
+        """Move the recorded delivery `tag`, due at `due`, into the scheduled set."""
+        key = self._prefixed(next((k for k, q in self._fetch_keys if q == queue), queue))
+        keys = self.keys
+        self._script(scripts.DEFER)(
+            keys=[
+                keys.schedule,
+                keys.schedule_messages,
+                self._prefixed(self.unacked_key),
+                self._prefixed(self.unacked_index_key),
+                keys.inflight,
+            ],
+            args=[
+                scheduled.member_base(payload),
+                repr(due),
+                scheduled.entry_header(queue, key, payload),
+                tag,
+                keys.held(""),
+            ],
+        )
+        logger.info(
+            "message %s on queue %r is due in %.1f s: it waits in the scheduled set",
+            scheduled.member_base(payload) or tag,
+            queue,
+            due - time.time(),
+            extra={"event": "deferred", "queue": queue},
+        )
 
     # Fetching --------------------------------------------------------------------------------
 
@@ -435,6 +495,11 @@ class Channel(kombu_redis.Channel):
             else:  # a no_ack consumer's queue (pidbox replies): nothing to keep
                 logger.error("dropped a message on queue %r: %s", queue, problem)
             raise virtual.Empty()
+        if outcome == _RECORDED:
+            due = scheduled.due_time(payload)
+            if due is not None and due - self._redis_now() > float(self.schedule_after):
+                self.defer(tag, queue, payload, due)  # a foreign producer's future job
+                raise virtual.Empty()
         properties = payload["properties"]
         properties["delivery_tag"] = tag
         info = properties.get("delivery_info") or {}
@@ -460,6 +525,11 @@ class Channel(kombu_redis.Channel):
             self.qos._delivered.pop(tag, None)
         finally:
             self._recorded_tag = None
+
+    def _redis_now(self) -> float:
+        """Redis's clock as this process last measured it (the poller's clock)."""
+        poller = self._agent().poller
+        return time.time() + (poller.clock_offset if poller is not None else 0.0)
 
     @staticmethod
     def _known_task(name: str) -> bool:

@@ -40,6 +40,7 @@ from celery.utils import uuid
 from app.celery_app import celery_app
 from app.db import after_commit, session_scope
 from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
+from app.delivery.scheduled import ERROR_HEADER
 from app.jobs import instrumentation
 from app.jobs.arguments import (
     SENSITIVE_NAMES,
@@ -261,6 +262,7 @@ class Job(Task):  # type: ignore[misc]
                     if (value := _header(request, name)) is not None
                 }
                 headers[EXECUTIONS_HEADER] = counts
+                headers[ERROR_HEADER] = f"{type(error).__name__}: {error}"[:500]
                 if request.is_eager:  # perform_now: enqueue the retry, as ActiveJob does
                     self.apply_async(
                         args,

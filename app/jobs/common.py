@@ -9,8 +9,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.jobs.policies import RetryOn
 
-#: The database went away or refused a connection: wait and try again, longer each time.
-DATABASE_UNAVAILABLE = RetryOn(OperationalError, InterfaceError, wait="polynomial", attempts=10)
+#: The database went away or refused a connection: wait and try again, longer each time, on
+#: ActiveJob's `:polynomially_longer` schedule for 25 attempts (about three weeks in all, as
+#: Sidekiq's default retry); each wait is in Redis's scheduled set, not in a worker.
+DATABASE_UNAVAILABLE = RetryOn(OperationalError, InterfaceError, wait="polynomial", attempts=25)
 
 
 def nonzero(value: Any) -> str | None:

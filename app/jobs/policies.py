@@ -15,9 +15,6 @@ from app.jobs.errors import JobDeclarationError
 
 #: Rails' default jitter: a random extra of up to 15 % of the wait.
 DEFAULT_JITTER = 0.15
-#: No retry waits longer than this. It must stay below the broker's visibility timeout
-#: (celeryconfig.py), or Redis would hand a scheduled retry to a second worker.
-MAX_RETRY_WAIT = 3 * 3600.0
 
 WaitAlgorithm = Literal["polynomial", "exponential"]
 Wait = float | int | WaitAlgorithm | Callable[[int], float]
@@ -31,7 +28,10 @@ class RetryOn:
     """Retry when one of `exceptions` is raised, up to `attempts` executions for them.
 
     `wait` is seconds, "polynomial" (executions**4 + 2 s), "exponential" (base * 2**executions
-    s, capped at `max_wait`), or a callable of the execution count returning seconds.
+    s), or a callable of the execution count returning seconds; `max_wait`, if given, caps it.
+    A retry waits in Redis's scheduled set (app.delivery.scheduled), not in a worker, so no
+    wait is too long: `RetryOn(E, wait="polynomial", attempts=25)` retries for about three
+    weeks, as ActiveJob's `:polynomially_longer` and Sidekiq's default retry do.
     """
 
     exceptions: tuple[type[BaseException], ...]
@@ -39,7 +39,7 @@ class RetryOn:
     attempts: int = 5
     jitter: float = DEFAULT_JITTER
     base: float = 1.0
-    max_wait: float = MAX_RETRY_WAIT
+    max_wait: float | None = None
 
     def __init__(
         self,
@@ -48,24 +48,31 @@ class RetryOn:
         attempts: int = 5,
         jitter: float = DEFAULT_JITTER,
         base: float = 1.0,
-        max_wait: float = MAX_RETRY_WAIT,
+        max_wait: float | None = None,
     ) -> None:
         _check_exceptions("RetryOn", exceptions)
         if not isinstance(attempts, int) or attempts < 1:
             raise JobDeclarationError(f"RetryOn attempts must be an integer >= 1, got {attempts!r}")
         if not 0 <= jitter <= 1:
             raise JobDeclarationError(f"RetryOn jitter must be between 0 and 1, got {jitter!r}")
-        if not 0 < max_wait <= MAX_RETRY_WAIT:
+        if max_wait is not None and not (
+            isinstance(max_wait, int | float) and 0 < max_wait < float("inf")
+        ):
             raise JobDeclarationError(
-                f"RetryOn max_wait must be in (0, {MAX_RETRY_WAIT:g}] seconds, got {max_wait!r}"
+                f"RetryOn max_wait must be a positive number of seconds or None, got {max_wait!r}"
             )
         if isinstance(wait, str) and wait not in ("polynomial", "exponential"):
             raise JobDeclarationError(
                 f"RetryOn wait must be seconds, 'polynomial', 'exponential' or a callable, "
                 f"got {wait!r}"
             )
-        if isinstance(wait, int | float) and not 0 <= wait <= max_wait:
-            raise JobDeclarationError(f"RetryOn wait must be in [0, {max_wait:g}], got {wait!r}")
+        if isinstance(wait, int | float) and not (
+            0 <= wait < float("inf") and (max_wait is None or wait <= max_wait)
+        ):
+            ceiling = "" if max_wait is None else f", at most max_wait ({max_wait:g})"
+            raise JobDeclarationError(
+                f"RetryOn wait must be a number of seconds >= 0{ceiling}, got {wait!r}"
+            )
         for name, value in (
             ("exceptions", tuple(exceptions)),
             ("wait", wait),
@@ -90,12 +97,15 @@ class RetryOn:
             delay = float(executions**4)
             seconds = delay + _jitter(delay, self.jitter, rng) + 2
         elif wait == "exponential":
-            delay = min(self.base * 2**executions, self.max_wait)
+            delay = self.base * 2.0 ** min(executions, 1000)
+            if self.max_wait is not None:
+                delay = min(delay, self.max_wait)
             seconds = delay + _jitter(delay, self.jitter, rng)
         else:
             delay = float(wait)
             seconds = delay + _jitter(delay, self.jitter, rng)
-        return max(0.0, min(seconds, self.max_wait))
+        seconds = max(0.0, seconds)
+        return seconds if self.max_wait is None else min(seconds, self.max_wait)
 
 
 @dataclass(frozen=True)

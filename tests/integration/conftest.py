@@ -188,6 +188,20 @@ def quiesce_worker(timeout: float = 60.0) -> None:
         time.sleep(0.05)
     for request in list(worker_state.reserved_requests):  # retries waiting for their ETA
         worker_state.revoked.add(request.id)
+    clear_scheduled(get_endpoints().broker_url)  # retries and countdowns waiting in Redis
+
+
+def clear_scheduled(broker_url: str) -> None:
+    """Delete every job waiting in the scheduled set of `broker_url` (a Redis broker)."""
+    import redis
+
+    from app.delivery.records import Keys
+    from app.settings import redis_client_url
+
+    client_url = redis_client_url(broker_url)
+    if client_url is not None:
+        keys = Keys()
+        redis.Redis.from_url(client_url).delete(keys.schedule, keys.schedule_messages)
 
 
 @pytest.fixture

@@ -135,3 +135,42 @@ def kill_my_worker(token: str) -> None:
 
     print(f"kill_my_worker {token} in {os.getpid()}", flush=True)
     os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _broker_client() -> Any:
+    import redis
+
+    from app.settings import get_endpoints, redis_client_url
+
+    return redis.Redis.from_url(redis_client_url(get_endpoints().broker_url) or "")
+
+
+#: Where `record_run` appends: one JSON entry per execution, in the broker's Redis.
+RUNS_KEY = "test:runs"
+
+
+@job("jobs.test_record_run")
+def record_run(token: str) -> None:
+    """Append {token, time, task id, attempt} to the broker's `test:runs` list: each execution
+    of a scheduled job leaves one entry, with the time it started."""
+    _record(token, record_run.request)
+
+
+def _record(token: str, request: Any) -> None:
+    import json
+
+    entry = {"token": token, "at": time.time(), "id": request.id, "attempt": request.retries + 1}
+    _broker_client().rpush(RUNS_KEY, json.dumps(entry))
+
+
+class NotYet(RuntimeError):
+    """Raised on purpose until a job's scripted failures are used up."""
+
+
+@job("jobs.test_fail_then_record", retry_on=[RetryOn(NotYet, wait=6, jitter=0, attempts=5)])
+def fail_then_record(token: str, failures: int) -> None:
+    """Fail `failures` times (counted in the broker's Redis), each retried 6 s later, then
+    record the run as `record_run` does."""
+    if int(_broker_client().incr(f"test:failures:{token}")) <= failures:
+        raise NotYet(f"{token}: not yet")
+    _record(token, fail_then_record.request)

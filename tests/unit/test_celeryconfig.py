@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import celeryconfig
 from app import celery
-from app.jobs.policies import MAX_RETRY_WAIT
 
 
 def test_json_is_the_only_content_type_accepted() -> None:
@@ -16,12 +14,6 @@ def test_json_is_the_only_content_type_accepted() -> None:
 def test_the_default_queue_is_default_and_the_three_queues_exist() -> None:
     assert celery.conf.task_default_queue == "default"
     assert sorted(q.name for q in celery.conf.task_queues) == ["default", "low", "urgent"]
-
-
-def test_no_retry_wait_can_outlast_the_visibility_timeout() -> None:
-    # Otherwise Redis hands a scheduled retry to a second worker before its time comes.
-    visibility = float(str(celeryconfig.broker_transport_options["visibility_timeout"]))
-    assert visibility > MAX_RETRY_WAIT
 
 
 def test_messages_are_acknowledged_late_and_returned_when_a_worker_dies() -> None:

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
+from app.jobs.common import DATABASE_UNAVAILABLE
 from app.jobs.errors import JobDeclarationError
-from app.jobs.policies import MAX_RETRY_WAIT, DiscardOn, RetryOn, find_policy
+from app.jobs.policies import DiscardOn, RetryOn, find_policy
 
 
 class Timeout(Exception):
@@ -48,9 +49,25 @@ def test_a_callable_wait_gets_the_execution_count_and_no_jitter() -> None:
     assert [policy.wait_seconds(n) for n in (1, 2, 3)] == [10, 20, 30]
 
 
-def test_no_wait_exceeds_the_cap_kept_below_the_visibility_timeout() -> None:
-    policy = RetryOn(Timeout, wait="polynomial", attempts=25)
-    assert policy.wait_seconds(24, random.Random(1)) == MAX_RETRY_WAIT
+def test_no_wait_is_capped_unless_the_policy_says_so() -> None:
+    # Retries wait in Redis's scheduled set, not in a worker: no visibility timeout bounds them.
+    policy = RetryOn(Timeout, wait="polynomial", attempts=25, jitter=0)
+    assert policy.wait_seconds(24) == 24**4 + 2  # 3 days 20 hours
+    capped = RetryOn(Timeout, wait="polynomial", attempts=25, jitter=0, max_wait=3600)
+    assert capped.wait_seconds(24) == 3600
+    assert RetryOn(Timeout, wait=30 * 86400).wait_seconds(1, random.Random(1)) >= 30 * 86400
+
+
+def test_the_default_database_retry_follows_activejobs_schedule_for_about_three_weeks() -> None:
+    # ActiveJob's :polynomially_longer over 25 attempts (Sidekiq's default retry count): the
+    # 24 waits between them sum to n**4 + 2 each, plus up to 15 % jitter on the n**4.
+    assert DATABASE_UNAVAILABLE.wait == "polynomial"
+    assert DATABASE_UNAVAILABLE.attempts == 25
+    rng = random.Random(5)
+    total = sum(DATABASE_UNAVAILABLE.wait_seconds(n, rng) for n in range(1, 25))
+    bare = sum(n**4 + 2 for n in range(1, 25))
+    assert bare <= total <= bare * 1.15
+    assert 18 * 86400 < total < 22 * 86400
 
 
 @pytest.mark.parametrize(
@@ -61,7 +78,10 @@ def test_no_wait_exceeds_the_cap_kept_below_the_visibility_timeout() -> None:
         lambda: RetryOn(Timeout, attempts=0),
         lambda: RetryOn(Timeout, wait="linear"),  # type: ignore[arg-type]
         lambda: RetryOn(Timeout, jitter=2),
-        lambda: RetryOn(Timeout, wait=MAX_RETRY_WAIT + 1),
+        lambda: RetryOn(Timeout, wait=-1),
+        lambda: RetryOn(Timeout, wait=61, max_wait=60),
+        lambda: RetryOn(Timeout, max_wait=0),
+        lambda: RetryOn(Timeout, wait=float("inf")),
         lambda: DiscardOn(Timeout, callback="log it"),  # type: ignore[arg-type]
     ],
 )
