@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.celery_app import celery_app
-from app.delivery import records
+from app.delivery import records, scheduled
 from app.settings import QUEUES, get_settings
 
 #: The message header the job layer stamps with the enqueue time (app.jobs.base).
@@ -96,6 +96,15 @@ def queue_depths(queues: tuple[str, ...] = QUEUES) -> list[QueueDepth]:
             oldest = max(0.0, now - min(enqueued)) if enqueued else None
             depths.append(QueueDepth(queue, depth, oldest))
         return depths
+
+
+def scheduled_stats() -> scheduled.Stats | None:
+    """The scheduled set's size and most overdue entry; None where the broker has no set."""
+    with celery_app.connection_for_read() as connection:
+        channel = connection.default_channel
+        if not hasattr(channel, "plain_client") or not hasattr(channel, "keys"):
+            return None
+        return scheduled.stats(channel.plain_client, channel.keys.prefix)
 
 
 def _enqueued_at(raw: Any) -> float | None:

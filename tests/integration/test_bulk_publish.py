@@ -27,6 +27,7 @@ from kombu.connection import Connection
 
 from app import celery
 from app.delivery import bulk
+from app.delivery.records import Keys
 from app.jobs import base
 from app.jobs.arguments import RowId
 from app.jobs.base import Prepared, job, perform_all_later
@@ -99,6 +100,14 @@ def raw_messages(broker: str) -> dict[str, list[dict[str, Any]]]:
             assert message["properties"]["body_encoding"] == "base64"
             message["body"] = json.loads(base64.b64decode(message["body"]))
         found[key.decode() if isinstance(key, bytes) else key] = messages
+    # Messages due later wait in the scheduled set, each with the list it goes to when due.
+    waiting: Any = client.zrange(Keys().schedule, 0, -1)
+    for member in waiting:
+        raw_entry: Any = client.hget(Keys().schedule_messages, member)
+        head, _, item = bytes(raw_entry).partition(b"\n")
+        message = json.loads(item)
+        message["body"] = json.loads(base64.b64decode(message["body"]))
+        found.setdefault("scheduled for " + json.loads(head)["key"], []).append(message)
     client.flushdb()
     return found
 

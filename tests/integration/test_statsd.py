@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
+from app.delivery.records import Keys
+from app.settings import redis_client_url
 from tests.integration.conftest import (
     ALL_QUEUES,
     HARNESS_WORKER,
@@ -110,9 +113,13 @@ def test_job_metrics_reach_the_statsd_daemon(services: Services, tmp_path: Path)
             wait_until(
                 lambda: totals(flushed(output), "counters").get(f"{name}.failure"), timeout=60
             )
+            # A job an hour ahead: the worker moves it into the scheduled set.
+            producer.send_task("jobs.test_record_run", args=["later"], countdown=3600)
+            waiting = redis.Redis.from_url(redis_client_url(broker) or "")
+            wait_until(lambda: waiting.zcard(Keys().schedule) == 1, timeout=30)
             producer.send_task("jobs.record_queue_depths", queue="urgent")
             wait_until(
-                lambda: "svc.queues.default.depth" in totals(flushed(output), "gauges"), timeout=60
+                lambda: "svc.scheduled.size" in totals(flushed(output), "gauges"), timeout=60
             )
     finally:
         daemon.terminate()
@@ -127,4 +134,7 @@ def test_job_metrics_reach_the_statsd_daemon(services: Services, tmp_path: Path)
     assert len(timers[f"{name}.duration"]) >= 6
     assert len(timers[f"{name}.queue_wait"]) == 3  # the others carried no enqueue time
     assert all(ms >= 0 for ms in timers[f"{name}.queue_wait"])
-    assert totals(flushes, "gauges")["svc.queues.default.depth"] == 0
+    gauges = totals(flushes, "gauges")
+    assert gauges["svc.queues.default.depth"] == 0
+    assert gauges["svc.scheduled.size"] == 1
+    assert gauges["svc.scheduled.oldest_overdue"] == 0
