@@ -174,3 +174,12 @@ def fail_then_record(token: str, failures: int) -> None:
     if int(_broker_client().incr(f"test:failures:{token}")) <= failures:
         raise NotYet(f"{token}: not yet")
     _record(token, fail_then_record.request)
+
+
+@celery.task(name="tests.retry_once", bind=True)
+def retry_once(self: Any, token: str) -> None:
+    """A plain Celery task (not a job) that retries itself once, 3 s later, with Celery's own
+    `Task.retry`, then records the run as `record_run` does."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=3)
+    _record(token, self.request)

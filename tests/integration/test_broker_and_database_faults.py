@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from app.db import session_scope
+from app.delivery.records import Keys
 from app.models import DeadLetter, InventoryAudit, Product
 from tests.integration.conftest import (
     ALL_QUEUES,
@@ -207,11 +208,12 @@ def test_a_broker_restart_mid_run_loses_no_job(services: Services, tmp_path: Pat
 
 def settled(seen: list[int], broker: str) -> bool:
     """No more jobs took effect for three seconds, and the broker holds nothing: no queued
-    message and no unacknowledged one (what a dead worker held comes back when its heartbeat
-    lapses, and must run too)."""
+    message, no unacknowledged one (what a dead worker held comes back when its heartbeat
+    lapses, and must run too) and no retry waiting in the scheduled set."""
     seen.append(audits())
     client = redis.Redis.from_url(broker)
-    if sum(int(client.llen(q)) for q in ("urgent", "default", "low")) + int(client.hlen("unacked")):
+    queued = sum(int(client.llen(q)) for q in ("urgent", "default", "low"))
+    if queued + int(client.hlen("unacked")) + int(client.zcard(Keys().schedule)):
         return False
     return len(seen) >= 4 and len(set(seen[-4:])) == 1 and seen[-1] >= 599
 

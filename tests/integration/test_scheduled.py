@@ -35,7 +35,7 @@ from tests.integration.conftest import (
     worker_env,
 )
 from tests.integration.factories import wait_until
-from tests.integration.harness_jobs import RUNS_KEY, fail_then_record, record_run
+from tests.integration.harness_jobs import RUNS_KEY, fail_then_record, record_run, retry_once
 from tests.integration.test_broker_and_database_faults import OwnRedis
 from tests.integration.test_worker_crash import CrashingWorker
 
@@ -107,6 +107,22 @@ def test_a_countdown_job_waits_in_redis_not_in_a_worker_and_runs_once_on_time(
     assert run["at"] >= enqueued + 3
     assert run["at"] - (enqueued + 3) < 1.5  # polled within a fraction of a second
     assert waiting(client) == 0
+
+
+def test_celerys_own_retry_of_a_plain_task_waits_in_redis_too(
+    services: Services, worker: Any
+) -> None:
+    """Not a job: a bare `@celery.task` calling `self.retry(countdown=3)`."""
+    client = client_for(services.broker_url)
+    client.delete(RUNS_KEY)
+    result = retry_once.delay("plain-task")
+    wait_until(lambda: waiting(client) == 1, timeout=30)
+    raw: Any = client.hget(KEYS.schedule_messages, result.id)
+    assert json.loads(bytes(raw).partition(b"\n")[0])["retries"] == 1
+    wait_until(lambda: runs(client), timeout=30)
+    time.sleep(1)
+    (run,) = runs(client)
+    assert run["id"] == result.id and run["attempt"] == 2
 
 
 def protocol_1_message(task_id: str, token: str, eta: dt.datetime) -> bytes:

@@ -32,6 +32,7 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from app.db import session_scope
+from app.delivery.records import Keys
 from app.devservers.gateway import GatewaySimulator
 from app.devservers.smtp import SmtpServer
 from app.models import DeadLetter, EmailDelivery, InventoryAudit, Order, Payment, Product
@@ -181,7 +182,9 @@ def run_with_kills(
             other.start()
         time.sleep(4)
         for step in steps:
-            if step == "child" and worker.kill_a_child():
+            # (a worker started moments ago may not have its pool yet: wait for it)
+            if step == "child" and wait_until(worker.pool_children, timeout=60):
+                assert worker.kill_a_child()
                 kills["pool child"] += 1
             if step == "crash":
                 worker.crash()
@@ -203,8 +206,10 @@ _last_progress: list[tuple[int, ...]] = []
 
 
 def settled(client: redis.Redis) -> bool:
-    """The broker holds nothing and the effects stopped changing for three seconds."""
+    """The broker holds nothing (no queued job, none held, no retry waiting in the scheduled
+    set) and the effects stopped changing for three seconds."""
     queued = sum(int(client.llen(q)) for q in ("urgent", "default", "low"))
+    queued += int(client.zcard(Keys().schedule))
     progress = (
         audits("%"),
         count_where(EmailDelivery.status == "sent"),
