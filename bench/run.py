@@ -37,6 +37,9 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
     one poller and by two at once (each job moved once); baseline: pipelined LPUSHes of the
     same messages, the raw Redis floor
 
+  At the full size the memory benchmark takes about 6 minutes, most of it stock Celery's worker
+  taking the 100,000 ETA tasks (about 400 a second); the other two take 1-2 minutes.
+
 Workers log to bench/results/worker.log.
 """
 
@@ -1426,8 +1429,10 @@ def bench_scheduled_lateness(size: int, single: int) -> dict[str, Any]:
             f"Burst: {size:,} bench_noop jobs published through perform_all_later with etas "
             "spread evenly over one second, on a service worker (concurrency 2) whose queue "
             "`default` is paused, so nothing takes them; the benchmark samples the list's "
-            "LLEN with Redis's TIME every few ms (a sample reads up to ~3 ms after the move) "
-            "and the i-th job to arrive is the i-th due (RELEASE moves them soonest first). "
+            "LLEN with Redis's TIME every 2 ms, and the i-th job to arrive is the i-th due "
+            "(RELEASE moves them soonest first). A sample waits behind the RELEASE call that "
+            f"is running, so the {burst['samples']} samples are about one call (1,000 moves) "
+            "apart and each arrival reads up to one call late. "
             f"Single jobs: due {SINGLE_SPACING * 1000:.0f}-{SINGLE_SPACING * 1500:.0f} ms apart, "
             "lateness from due time to the job's first line, on the same machine's clock."
         ),
