@@ -8,3 +8,5 @@ HOLD_STARTS = "bench:hold_starts"
 HOLD_SECONDS = 1.5
 #: The counter each drain job increments.
 INCR_COUNTER = "bench:incr"
+#: The Redis list each scheduled-lateness job appends (n, due time, start time) to.
+DUE_STARTS = "bench:due_starts"

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import redis
 from celery import Celery
 
-from bench.keys import HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
+from bench.keys import DUE_STARTS, HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
 
 BROKER_URL = os.environ["BROKER_URL"]
 VISIBILITY_TIMEOUT = float(os.environ.get("BENCH_VISIBILITY_TIMEOUT", "21600"))
@@ -75,3 +75,9 @@ def hold(self: Any, n: int) -> None:
         HOLD_STARTS, json.dumps([self.request.id, n, self.request.hostname, time.time()])
     )
     time.sleep(HOLD_SECONDS)
+
+
+@stock.task(name="bench.due", ignore_result=True)
+def due(n: int, due_at: float) -> None:
+    """Record (n, due time, start time): an ETA task's start lateness (as `jobs.bench_due`)."""
+    _client().rpush(DUE_STARTS, json.dumps([n, due_at, time.time()]))

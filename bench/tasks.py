@@ -1,7 +1,7 @@
 """Benchmark-only jobs: the no-ops the overhead benchmark drains, the low-queue backlog and
-urgent jobs of the urgent-latency benchmark, and the recovery and drain benchmarks' jobs (the
-same bodies as `bench.stock_app`'s, there on stock Celery). The worker loads them with
-`--include bench.tasks`.
+urgent jobs of the urgent-latency benchmark, the scheduled-lateness job, and the recovery and
+drain benchmarks' jobs (the same bodies as `bench.stock_app`'s, there on stock Celery). The
+worker loads them with `--include bench.tasks`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from app import celery
 from app.jobs.base import job
 from app.settings import redis_client_url
-from bench.keys import HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
+from bench.keys import DUE_STARTS, HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
 
 #: The Redis list (in the benchmark's broker database) each urgent job appends its timing to.
 URGENT_STARTS = "bench:urgent_starts"
@@ -48,6 +48,12 @@ def bench_urgent(n: int, enqueued_at: float) -> None:
     """Record (n, enqueue time, start time) in Redis: its enqueue-to-start latency."""
     started_at = time.time()
     _client().rpush(URGENT_STARTS, json.dumps([n, enqueued_at, started_at]))
+
+
+@job("jobs.bench_due", ignore_result=True)
+def bench_due(n: int, due_at: float) -> None:
+    """Record (n, due time, start time) in Redis: a scheduled job's start lateness."""
+    _client().rpush(DUE_STARTS, json.dumps([n, due_at, time.time()]))
 
 
 @celery.task(name="bench.incr", ignore_result=True)
