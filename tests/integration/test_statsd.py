@@ -136,5 +136,6 @@ def test_job_metrics_reach_the_statsd_daemon(services: Services, tmp_path: Path)
     assert all(ms >= 0 for ms in timers[f"{name}.queue_wait"])
     gauges = totals(flushes, "gauges")
     assert gauges["svc.queues.default.depth"] == 0
-    assert gauges["svc.scheduled.size"] == 1
+    # The job an hour ahead, and the ProductNotFound retry if it still waits for its time.
+    assert gauges["svc.scheduled.size"] in (1, 2)
     assert gauges["svc.scheduled.oldest_overdue"] == 0
