@@ -653,27 +653,53 @@ def scheduled_show_command(task_id: str, as_json: bool) -> None:
         click.echo(f"{key.ljust(width)}  {_cell(value, 2000)}")
 
 
+def _scheduled_ids(
+    task_ids: tuple[str, ...], everything: bool, job_name: str | None
+) -> tuple[Any, str, list[str]]:
+    """The client, prefix and task ids a bulk action applies to: those named, or with `--all`
+    every waiting job (of `--job` only, if given)."""
+    from app.delivery import scheduled
+
+    if everything == bool(task_ids):
+        _fail("name task ids, or --all (with --job to take one job's only)")
+    if job_name is not None and not everything:
+        _fail("--job selects with --all; with task ids, name only the ids")
+    client, prefix = _broker_redis()
+    if not everything:
+        return client, prefix, list(task_ids)
+    found = _broker_call(lambda: list(scheduled.entries(client, prefix, job_name=job_name)))
+    return client, prefix, list(dict.fromkeys(e.task_id or e.member for e in found))
+
+
 @scheduled_group.command("run-now")
-@click.argument("task_ids", nargs=-1, required=True)
-def scheduled_run_now_command(task_ids: tuple[str, ...]) -> None:
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every waiting job.")
+@click.option("--job", "job_name", default=None, help="With --all: only this job.")
+def scheduled_run_now_command(
+    task_ids: tuple[str, ...], everything: bool, job_name: str | None
+) -> None:
     """Make waiting jobs due now: the next poll (within a second) enqueues them."""
     from app.delivery import scheduled
 
-    client, prefix = _broker_redis()
-    for task_id in task_ids:
+    client, prefix, selected = _scheduled_ids(task_ids, everything, job_name)
+    for task_id in selected:
         if not _broker_call(lambda t=task_id: scheduled.run_now(client, t, prefix)):
             _fail(f"no scheduled job with task id {task_id!r}")
         click.echo(f"{task_id}: due now")
 
 
 @scheduled_group.command("delete")
-@click.argument("task_ids", nargs=-1, required=True)
-def scheduled_delete_command(task_ids: tuple[str, ...]) -> None:
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every waiting job.")
+@click.option("--job", "job_name", default=None, help="With --all: only this job.")
+def scheduled_delete_command(
+    task_ids: tuple[str, ...], everything: bool, job_name: str | None
+) -> None:
     """Delete waiting jobs: they never run."""
     from app.delivery import scheduled
 
-    client, prefix = _broker_redis()
-    for task_id in task_ids:
+    client, prefix, selected = _scheduled_ids(task_ids, everything, job_name)
+    for task_id in selected:
         if not _broker_call(lambda t=task_id: scheduled.delete(client, t, prefix)):
             _fail(f"no scheduled job with task id {task_id!r}")
         click.echo(f"{task_id}: deleted")

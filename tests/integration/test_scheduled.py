@@ -350,3 +350,24 @@ def test_unknown_scheduled_ids_are_one_line_errors(services: Services, args: lis
     done = run_cli(services, *args, broker=broker)
     assert done.returncode == 2
     assert "no scheduled job with task id" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_delete_all_of_one_job_leaves_the_others(services: Services, tmp_path: Path) -> None:
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    with job_producer(broker) as producer:
+        for i in range(3):
+            record_run.apply_async([f"r{i}"], countdown=600, producer=producer)
+        other = fail_then_record.apply_async(["f", 0], countdown=600, producer=producer)
+    listed = run_cli(services, "scheduled", "list", "--job", "jobs.test_record_run", broker=broker)
+    assert listed.returncode == 0 and listed.stdout.count("jobs.test_record_run") == 3
+    both = run_cli(services, "scheduled", "delete", other.id, "--all", broker=broker)
+    assert both.returncode == 2 and "name task ids, or --all" in both.stderr
+    gone = run_cli(
+        services, "scheduled", "delete", "--all", "--job", "jobs.test_record_run", broker=broker
+    )
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.count(": deleted") == 3
+    members: Any = client.zrange(KEYS.schedule, 0, -1)
+    assert [bytes(m).decode() for m in members] == [other.id]
