@@ -1,4 +1,4 @@
-"""The Celery application. Every setting lives in `celeryconfig.py`; nothing is set here."""
+"""The Celery application. Every setting lives in `app/celeryconfig.py`; nothing is set here."""
 
 from __future__ import annotations
 
@@ -7,4 +7,4 @@ from celery import Celery
 from app import logs  # noqa: F401  (connects the log set-up and job-context signals)
 
 celery_app = Celery("jobs_service", task_cls="app.delivery.requests:Task")
-celery_app.config_from_object("celeryconfig")
+celery_app.config_from_object("app.celeryconfig")

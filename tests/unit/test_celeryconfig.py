@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import celeryconfig
-from app import celery
+from app import celery, celeryconfig
 from app.jobs.policies import MAX_RETRY_WAIT
 
 
