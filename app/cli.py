@@ -349,9 +349,7 @@ def schedule_command(as_json: bool) -> None:
 
             schedule = every(schedule)
         last = _last_run(name)
-        now = celery.now()  # after the Redis look-up, so that `remaining` is measured from it
-        remaining = schedule.remaining_estimate(last or now)
-        next_run = max(now, (last or now) + remaining) + dt.timedelta(milliseconds=500)
+        next_run = next_run_time(schedule, last, celery.now)
         rows.append(
             {
                 "entry": name,
@@ -365,6 +363,23 @@ def schedule_command(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(_table(rows, ["entry", "task", "schedule", "last_run", "next_run"]))
+
+
+def next_run_time(schedule: Any, last: Any, now: Any) -> Any:
+    """When a beat entry runs next, to the nearest second.
+
+    Celery's `remaining_estimate(last)` is measured from the moment it reads the clock, not
+    from `last`, so the next run is that moment plus the estimate (adding it to `last` put a
+    00:05 entry at 00:04:59 once beat had run it).
+    """
+    import datetime as dt
+
+    before = now()
+    remaining = schedule.remaining_estimate(last or before)
+    after = now()
+    # The estimate read the clock between `before` and `after`: take the middle.
+    at = before + (after - before) / 2 + max(remaining, dt.timedelta(0))
+    return (at + dt.timedelta(milliseconds=500)).replace(microsecond=0)
 
 
 def _last_run(name: str) -> Any:
