@@ -338,7 +338,6 @@ def schedule_command(as_json: bool) -> None:
 
     from app import celery
 
-    now = celery.now()
     rows = []
     for name, entry in sorted(celery.conf.beat_schedule.items()):
         schedule = entry["schedule"]
