@@ -27,9 +27,17 @@ setup: $(BIN)/.installed $(STATSD)
 run: setup
 	$(BIN)/python -m app.demo
 
-## serve: migrate, then run the worker and beat from the Procfile (Ctrl-C stops everything)
+# What `make serve` runs from the Procfile: the worker and beat, and the development SMTP
+# server and payment gateway the jobs talk to unless SMTP_HOST / PAYMENT_GATEWAY_URL name
+# real ones (the gateway listens on GATEWAY_PORT, 8090 unless set).
+GATEWAY_PORT ?= 8090
+SERVE_PROCESSES := worker beat $(if $(SMTP_HOST),,smtp) $(if $(PAYMENT_GATEWAY_URL),,gateway)
+SERVE_ENV := $(if $(PAYMENT_GATEWAY_URL),,PAYMENT_GATEWAY_URL=http://127.0.0.1:$(GATEWAY_PORT))
+
+## serve: migrate, then run the Procfile's worker, beat, dev SMTP server and payment gateway
+## (Ctrl-C or SIGTERM stops everything, the embedded servers too)
 serve: setup
-	$(BIN)/python -m app.embedded run -- sh -c 'alembic upgrade head && exec honcho -f Procfile start worker beat'
+	$(SERVE_ENV) GATEWAY_PORT=$(GATEWAY_PORT) $(BIN)/python -m app.embedded run -- sh -c 'alembic upgrade head && exec honcho -f Procfile start $(SERVE_PROCESSES)'
 
 ## migrate: bring the configured (or embedded) database to the newest schema
 migrate: setup

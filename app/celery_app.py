@@ -1,4 +1,4 @@
-"""The Celery application. Every setting lives in `celeryconfig.py`; nothing is set here."""
+"""The Celery application. Every setting lives in `app/celeryconfig.py`; nothing is set here."""
 
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ from app import logs  # noqa: F401  (connects the log set-up and job-context sig
 from app.delivery.scheduled import install_revoke_hook
 
 celery_app = Celery("jobs_service", task_cls="app.delivery.requests:Task")
-celery_app.config_from_object("celeryconfig")
+celery_app.config_from_object("app.celeryconfig")
 # A revoke deletes the job from the scheduled set too (Celery keeps revoked ids in memory only).
 signals.worker_init.connect(install_revoke_hook, weak=False)

@@ -32,7 +32,56 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Every error the operator can act on is one line on stderr and exit status 2.
+
+    Click's usage errors (a missing argument, a bad option value) lose their usage banner;
+    an unreachable database or broker, or a value the database refuses, is one line too.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        from kombu.exceptions import OperationalError as BrokerUnavailable
+        from redis import RedisError
+        from sqlalchemy.exc import DBAPIError
+
+        try:
+            outcome = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.Abort:
+            _fail("aborted")
+        except click.exceptions.NoArgsIsHelpError as exc:
+            names = ", ".join(getattr(exc.ctx.command, "commands", {}))
+            _fail(f"{exc.ctx.command_path}: name a command: {names} (--help shows more)")
+        except click.ClickException as exc:
+            where = (
+                f"{exc.ctx.command_path}: " if isinstance(exc, click.UsageError) and exc.ctx else ""
+            )
+            _fail(f"{where}{exc.format_message()}")
+        except (BrokerUnavailable, RedisError) as exc:
+            _fail(f"cannot reach the broker: {type(exc).__name__}: {exc}")
+        except DBAPIError as exc:
+            first_line = (str(exc.orig).strip().splitlines() or [""])[0]
+            _fail(f"database error: {type(exc.orig).__name__}: {first_line}")
+        sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
+def _seconds(text: str) -> float:
+    """A click type: a finite number of seconds, zero or more."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"expected a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+#: Ids of rows (dead letters): PostgreSQL's bigint.
+ROW_ID = click.IntRange(1, 2**63 - 1)
+
+
+@click.group(cls=_OneLineErrors)
 def main() -> None:
     """Operate the jobs service."""
     try:
@@ -58,7 +107,13 @@ def _json_argument(name: str, raw: str | None, kind: type) -> Any:
 @click.argument("args", required=False)
 @click.option("--kwargs", "kwargs_json", default=None, help='Keyword arguments, JSON: {"a": 1}.')
 @click.option("--queue", default=None, help="Override the job's queue.")
-@click.option("--count", default=1, show_default=True, help="Enqueue it this many times.")
+@click.option(
+    "--count",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Enqueue it this many times.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
 def enqueue_command(
     job_name: str,
@@ -79,6 +134,10 @@ def enqueue_command(
     if not isinstance(job, Job):
         known = ", ".join(sorted(n for n, t in celery.tasks.items() if isinstance(t, Job)))
         _fail(f"unknown job {job_name!r}; known jobs: {known}")
+    from app.settings import QUEUES
+
+    if queue is not None and queue not in QUEUES:
+        _fail(f"unknown queue {queue!r}: expected one of {', '.join(QUEUES)}")
     options = {"queue": queue} if queue else {}
     try:
         if count == 1:
@@ -109,7 +168,9 @@ def enqueue_command(
     show_default=True,
     help="Wait for the import to finish, showing progress.",
 )
-@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait at most.")
+@click.option(
+    "--timeout", default=3600.0, show_default=True, type=_seconds, help="Seconds to wait at most."
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
 def import_command(csv_path: Path, wait: bool, timeout: float, as_json: bool) -> None:
     """Import products from CSV_PATH (sku, name, price, inventory) with jobs.import_data."""
@@ -279,7 +340,6 @@ def schedule_command(as_json: bool) -> None:
 
     from app import celery
 
-    now = celery.now()
     rows = []
     for name, entry in sorted(celery.conf.beat_schedule.items()):
         schedule = entry["schedule"]
@@ -290,9 +350,7 @@ def schedule_command(as_json: bool) -> None:
 
             schedule = every(schedule)
         last = _last_run(name)
-        now = celery.now()  # after the Redis look-up, so that `remaining` is measured from it
-        remaining = schedule.remaining_estimate(last or now)
-        next_run = max(now, (last or now) + remaining) + dt.timedelta(milliseconds=500)
+        next_run = next_run_time(schedule, last, celery.now)
         rows.append(
             {
                 "entry": name,
@@ -306,6 +364,23 @@ def schedule_command(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(_table(rows, ["entry", "task", "schedule", "last_run", "next_run"]))
+
+
+def next_run_time(schedule: Any, last: Any, now: Any) -> Any:
+    """When a beat entry runs next, to the nearest second.
+
+    Celery's `remaining_estimate(last)` is measured from the moment it reads the clock, not
+    from `last`, so the next run is that moment plus the estimate (adding it to `last` put a
+    00:05 entry at 00:04:59 once beat had run it).
+    """
+    import datetime as dt
+
+    before = now()
+    remaining = schedule.remaining_estimate(last or before)
+    after = now()
+    # The estimate read the clock between `before` and `after`: take the middle.
+    at = before + (after - before) / 2 + max(remaining, dt.timedelta(0))
+    return (at + dt.timedelta(milliseconds=500)).replace(microsecond=0)
 
 
 def _last_run(name: str) -> Any:
@@ -328,7 +403,9 @@ def _last_run(name: str) -> Any:
 
 
 @main.command("health")
-@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for replies.")
+@click.option(
+    "--timeout", default=2.0, show_default=True, type=_seconds, help="Seconds to wait for replies."
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
 def health_command(timeout: float, as_json: bool) -> None:
     """Ping the workers; exit 1 when none answers (for a liveness check)."""
@@ -426,7 +503,9 @@ def _cell(value: Any, width: int = 60) -> str:
 
 
 @dead_letters_group.command("list")
-@click.option("--limit", default=20, show_default=True, help="How many, newest first.")
+@click.option(
+    "--limit", default=20, show_default=True, type=click.IntRange(1), help="How many, newest first."
+)
 @click.option("--job", "job_name", default=None, help="Only this job, e.g. jobs.send_email.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def list_command(limit: int, job_name: str | None, as_json: bool) -> None:
@@ -452,7 +531,7 @@ def list_command(limit: int, job_name: str | None, as_json: bool) -> None:
 
 
 @dead_letters_group.command("show")
-@click.argument("entry_id", type=int)
+@click.argument("entry_id", type=ROW_ID)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
 def show_command(entry_id: int, as_json: bool) -> None:
     """Show one dead letter with its traceback."""
@@ -487,7 +566,7 @@ def _selected(entry_ids: Sequence[int], everything: bool) -> list[int]:
 
 
 @dead_letters_group.command("retry")
-@click.argument("entry_ids", type=int, nargs=-1)
+@click.argument("entry_ids", type=ROW_ID, nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def retry_command(entry_ids: tuple[int, ...], everything: bool) -> None:
     """Enqueue the jobs again (fresh attempt counts) and remove them from the store."""
@@ -515,7 +594,7 @@ def retry_command(entry_ids: tuple[int, ...], everything: bool) -> None:
 
 
 @dead_letters_group.command("discard")
-@click.argument("entry_ids", type=int, nargs=-1)
+@click.argument("entry_ids", type=ROW_ID, nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def discard_command(entry_ids: tuple[int, ...], everything: bool) -> None:
     """Remove entries from the store for good."""

@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.settings import get_endpoints
+from app.settings import get_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def get_engine() -> Engine:
     global _engine, _session_factory
     if _engine is None:
         _engine = create_engine(
-            get_endpoints().database_url,
+            get_database_url(),
             # A connection killed by a database restart or pg_terminate_backend is
             # replaced on checkout instead of failing the next job.
             pool_pre_ping=True,

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 #: The database the service uses inside the embedded PostgreSQL.
 DATABASE_NAME = "jobs"
@@ -219,6 +220,48 @@ def _stop_redis(redis_dir: Path) -> bool:
 # Command line -------------------------------------------------------------------------------
 
 
+def _run(command: Sequence[str], state_dir: Path, *, postgres: bool, redis: bool) -> int:
+    """Start the servers asked for, run `command` with their URLs, stop those this call started.
+
+    SIGTERM and SIGHUP (a process manager, `kill`, a closed terminal) end it as Ctrl-C does:
+    the command is sent SIGTERM, and the servers stop once it has exited.
+    """
+    child: subprocess.Popen[bytes] | None = None
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    started: tuple[str, ...] = ()
+    try:
+        running = ensure_running(state_dir, postgres=postgres, redis=redis)
+        started = running.started
+        if stopping:
+            return 128 + signal.SIGTERM
+        env = dict(os.environ)
+        if running.database_url:
+            env["DATABASE_URL"] = running.database_url
+        if running.broker_url:
+            env["BROKER_URL"] = running.broker_url
+        child = subprocess.Popen(command, env=env)
+        if stopping:  # the signal came while the command was starting
+            child.send_signal(signal.SIGTERM)
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C reached the command too (one process group): wait for it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started:
+            stop(state_dir, started)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`start`, `stop`, `status`, or `run -- COMMAND...` (start, run it, stop what was started)."""
     from app.settings import ConfigError, load_settings
@@ -255,22 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args:
             print("usage: python -m app.embedded run -- COMMAND...", file=sys.stderr)
             return 2
-        running = ensure_running(
-            state_dir, postgres=settings.database_url is None, redis=settings.broker_url is None
+        return _run(
+            args,
+            state_dir,
+            postgres=settings.database_url is None,
+            redis=settings.broker_url is None,
         )
-        env = dict(os.environ)
-        if running.database_url:
-            env["DATABASE_URL"] = running.database_url
-        if running.broker_url:
-            env["BROKER_URL"] = running.broker_url
-        child = subprocess.Popen(args, env=env)
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            return child.wait()
-        finally:
-            if running.started:
-                stop(state_dir, running.started)
     print(f"unknown action {action!r}; use start, stop, status or run -- COMMAND", file=sys.stderr)
     return 2
 

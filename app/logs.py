@@ -83,13 +83,30 @@ def configure(logger: logging.Logger) -> None:
             handler.setFormatter(JsonFormatter())
 
 
+def _apply_log_level(logger: logging.Logger) -> None:
+    """LOG_LEVEL (INFO by default) for `celery worker` / `beat`, unless `-l` was given.
+
+    Celery's own default is WARNING, which hides the `job started` / `job finished` lines.
+    """
+    import click
+    from click.core import ParameterSource
+
+    context = click.get_current_context(silent=True)
+    if context is None or "loglevel" not in context.params:
+        return  # not Celery's command line (a worker started in code sets its own level)
+    if context.get_parameter_source("loglevel") is ParameterSource.DEFAULT:
+        logger.setLevel(get_settings().log_level)
+
+
 @signals.after_setup_logger.connect
 def _root_logger_set_up(logger: logging.Logger, **_: Any) -> None:
+    _apply_log_level(logger)
     configure(logger)
 
 
 @signals.after_setup_task_logger.connect
 def _task_logger_set_up(logger: logging.Logger, **_: Any) -> None:
+    _apply_log_level(logger)
     configure(logger)
 
 

@@ -333,6 +333,33 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+def get_database_url() -> str:
+    """The database in use: the configured one, or the embedded PostgreSQL (started if need be).
+
+    Only the database: a migration or a query must not start an embedded Redis.
+    """
+    settings = get_settings()
+    if settings.database_url is not None:
+        return settings.database_url
+    from app import embedded  # only development and tests reach this
+
+    url = embedded.ensure_running(settings.state_dir, postgres=True, redis=False).database_url
+    assert url is not None
+    return url
+
+
+def get_broker_url() -> str:
+    """The broker in use: the configured one, or the embedded Redis (started if need be)."""
+    settings = get_settings()
+    if settings.broker_url is not None:
+        return settings.broker_url
+    from app import embedded  # only development and tests reach this
+
+    url = embedded.ensure_running(settings.state_dir, postgres=False, redis=True).broker_url
+    assert url is not None
+    return url
+
+
 @cache
 def get_endpoints() -> Endpoints:
     """The URLs in use: those configured, or the embedded servers' (started if need be)."""

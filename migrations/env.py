@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
 from app.models import Base
-from app.settings import ConfigError, get_endpoints
+from app.settings import ConfigError, get_database_url
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -23,7 +23,7 @@ def _database_url() -> str:
     if override:
         return str(override)
     try:
-        return get_endpoints().database_url
+        return get_database_url()  # the database alone: no broker, no embedded Redis
     except ConfigError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
 

@@ -90,13 +90,21 @@ def check_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         )
 
 
+#: The largest id a row can have (PostgreSQL's bigint).
+MAX_ROW_ID = 2**63 - 1
+
+
 def positive(value: Any) -> str | None:
     """A check for `Annotated[int, positive]`: ids of rows start at 1."""
     return None if value > 0 else f"must be positive, got {value!r}"
 
 
-#: The id of a row: an int >= 1. Anything else names a row that cannot exist.
-RowId = Annotated[int, positive]
+def _fits_a_row(value: Any) -> str | None:
+    return None if value <= MAX_ROW_ID else f"must be a row id up to {MAX_ROW_ID}, got {value!r}"
+
+
+#: The id of a row: an int from 1 to MAX_ROW_ID. Anything else names a row that cannot exist.
+RowId = Annotated[int, positive, _fits_a_row]
 
 
 @cache
@@ -143,7 +151,10 @@ def bind_arguments(
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise DeserializationError(f"arguments do not fit {signature}: {exc}") from None
+            raise DeserializationError(
+                f"arguments do not fit: expected ({_parameters(signature)}), "
+                f"got {_shape(args, kwargs)}: {exc}"
+            ) from None
     checks = _checks(func)
     for name, value in bound.arguments.items():
         check = checks.get(name)
@@ -152,6 +163,29 @@ def bind_arguments(
             if problem is not None:
                 raise DeserializationError(f"argument {name!r} {problem}")
     return bound
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """The parameters as a caller reads them: `order_id` or `context=None` (types left out)."""
+    shown = []
+    for parameter in signature.parameters.values():
+        name = parameter.name
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            name = f"*{name}"
+        elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            name = f"**{name}"
+        elif parameter.default is not inspect.Parameter.empty:
+            name = f"{name}={parameter.default!r}"
+        shown.append(name)
+    return ", ".join(shown)
+
+
+def _shape(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """How many arguments came, and the keywords' names (values may be personal data)."""
+    shown = f"{len(args)} positional argument{'' if len(args) == 1 else 's'}"
+    if kwargs:
+        shown += " and keyword " + ", ".join(repr(str(k)) for k in kwargs)
+    return shown
 
 
 def _no_problem(value: Any) -> None:
@@ -214,7 +248,11 @@ def _check(value: Any, hint: Any) -> str | None:
         problems = [_check(value, option) for option in options]
         if any(p is None for p in problems):
             return None
-        return f"must be one of {_describe(hint)}, got {value!r}"
+        # `X | None` (an optional argument): what is wrong with it as an X.
+        given = [(o, p) for o, p in zip(options, problems, strict=True) if o is not type(None)]
+        if len(given) == 1:
+            return given[0][1]
+        return f"must be {' or '.join(_describe(o) for o in options)}, got {value!r}"
     if hint is type(None):
         return None if value is None else f"must be null, got {value!r}"
     if hint is float:
@@ -229,12 +267,26 @@ def _check(value: Any, hint: Any) -> str | None:
     if base in (list, Sequence, typing.Sequence, tuple):
         return None if isinstance(value, list | tuple) else f"must be a list, got {value!r}"
     if isinstance(base, type):
-        return None if isinstance(value, base) else f"must be {base.__name__}, got {value!r}"
+        return None if isinstance(value, base) else f"must be {_describe(base)}, got {value!r}"
     return None
 
 
+#: What a type is called in a message to a caller (JSON's words, not Python's).
+_KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
 def _describe(hint: Any) -> str:
-    return " | ".join(getattr(a, "__name__", str(a)) for a in get_args(hint))
+    """A hint in a caller's words: `an integer`, `null`, `a list`."""
+    if get_origin(hint) is Annotated:
+        return _describe(get_args(hint)[0])
+    if hint is type(None):
+        return "null"
+    base = get_origin(hint) or hint
+    if base in (dict, Mapping, typing.Mapping):
+        return "an object"
+    if base in (list, Sequence, typing.Sequence, tuple):
+        return "a list"
+    return _KINDS.get(base, getattr(base, "__name__", str(base)))
 
 
 def redact(value: Any, sensitive: Iterable[str] = SENSITIVE_NAMES) -> Any:

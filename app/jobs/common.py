@@ -38,6 +38,17 @@ def iso_date(value: Any) -> str | None:
     return None
 
 
+def one_of(kind: str, choices: tuple[str, ...]) -> Any:
+    """A check: the value is one of `choices` (`kind` names them in the message)."""
+
+    def check(value: Any) -> str | None:
+        if value in choices:
+            return None
+        return f"must be {kind} (one of {', '.join(choices)}), got {value!r}"
+
+    return check
+
+
 def key_text(value: Any) -> str | None:
     """A check: an idempotency key of 1 to 200 characters."""
     return None if 0 < len(value) <= 200 else "must be 1 to 200 characters"

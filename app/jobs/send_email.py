@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from email.message import EmailMessage
-from typing import Any
+from typing import Annotated, Any
 
 from app.db import session_scope
 from app.jobs.arguments import RowId
 from app.jobs.base import Job, job
-from app.jobs.common import DATABASE_UNAVAILABLE, IdempotencyKey
+from app.jobs.common import DATABASE_UNAVAILABLE, IdempotencyKey, one_of
 from app.jobs.policies import DiscardOn, RetryOn
 from app.services import emails, mailer
 from app.settings import get_settings
@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds an SMTP conversation may take before it counts as a timeout.
 SMTP_TIMEOUT = 10.0
+#: An email type the mailer can render: checked when the job is enqueued, not at delivery.
+EmailType = Annotated[str, one_of("an email type", mailer.EMAIL_TYPES)]
 
 
 def smtp_transport(message: EmailMessage) -> None:
@@ -50,7 +52,7 @@ def _log_undeliverable(job: Job, error: BaseException) -> None:
 def send_email(
     self: Any,
     user_id: RowId | None,
-    email_type: str,
+    email_type: EmailType,
     idempotency_key: IdempotencyKey | None = None,
     context: dict[str, Any] | None = None,
 ) -> str:

@@ -129,25 +129,37 @@ def _numbered(reader: csv.DictReader[str]) -> Iterator[tuple[int, dict[str, Any]
 
 
 def _parse(row: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The row as a product, or every problem of the row, joined with "; "."""
     if None in row or any(row.get(c) is None for c in COLUMNS):
         return "wrong number of fields", {}
+    problems: list[str] = []
     sku, name = row["sku"].strip(), row["name"].strip()
     if not sku or len(sku) > 64:
-        return "sku must be 1 to 64 characters", {}
+        problems.append("sku must be 1 to 64 characters")
     if not name or len(name) > 200:
-        return "name must be 1 to 200 characters", {}
-    try:
-        price = Decimal(row["price"].strip())
-    except InvalidOperation:
-        return f"price {row['price']!r} is not a number", {}
-    if not price.is_finite() or price < 0 or price != price.quantize(Decimal("0.01")):
-        return f"price {row['price']!r} must be >= 0 with at most 2 decimals", {}
-    if price >= Decimal("1e10"):
-        return f"price {row['price']!r} is too large", {}
+        problems.append("name must be 1 to 200 characters")
+    price_problem = _price_problem(row["price"])
+    if price_problem is not None:
+        problems.append(price_problem)
     raw_inventory = row["inventory"].strip()
     if not raw_inventory.isdigit() or int(raw_inventory) > 2**31:
-        return f"inventory {row['inventory']!r} must be a whole number >= 0", {}
+        problems.append(f"inventory {row['inventory']!r} must be a whole number >= 0")
+    if problems:
+        return "; ".join(problems), {}
+    price = Decimal(row["price"].strip())
     return None, {"sku": sku, "name": name, "price": price, "inventory": int(raw_inventory)}
+
+
+def _price_problem(raw: str) -> str | None:
+    try:
+        price = Decimal(raw.strip())
+    except InvalidOperation:
+        return f"price {raw!r} is not a number"
+    if not price.is_finite() or price < 0 or price != price.quantize(Decimal("0.01")):
+        return f"price {raw!r} must be >= 0 with at most 2 decimals"
+    if price >= Decimal("1e10"):
+        return f"price {raw!r} is too large"
+    return None
 
 
 def _upsert(session: Session, rows: Iterable[dict[str, Any]]) -> None:

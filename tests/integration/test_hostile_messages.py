@@ -141,7 +141,7 @@ def cases(product: int, user: int) -> list[Hostile]:
             "jobs.send_email",
             user,
             "x'); DROP TABLE users; --",
-            log_says="unknown email type",
+            log_says="argument 'email_type' must be an email type (one of order_confirmation",
         ),
         hostile(
             "SQL in an idempotency key",

@@ -99,3 +99,20 @@ def test_a_file_without_the_columns_fails_the_import(tmp_path: Path) -> None:
         "missing columns: sku, name, price, inventory"
         in reload(Import, import_id).errors[0]["error"]
     )
+
+
+def test_every_bad_field_of_a_row_is_reported_not_only_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "products.csv"
+    path.write_text("sku,name,price,inventory\n,,abc,-2\n")
+    import_id = new_import(str(path))
+
+    import_data.perform_now(import_id)
+
+    record = reload(Import, import_id)
+    assert record.errors == [
+        {
+            "line": 2,
+            "error": "sku must be 1 to 64 characters; name must be 1 to 200 characters; "
+            "price 'abc' is not a number; inventory '-2' must be a whole number >= 0",
+        }
+    ]

@@ -21,6 +21,8 @@ def test_the_procfile_worker_and_beat_run_jobs(services: Services, tmp_path: Pat
         "worker",
         "beat",
         "flower",
+        "smtp",  # the development SMTP server and payment gateway, for `make serve`
+        "gateway",
     }
     broker = isolated_broker(services.broker_url, 13)
     flush_broker(broker)

@@ -79,7 +79,10 @@ def general_bind(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
-        raise DeserializationError(f"arguments do not fit {signature}: {exc}") from None
+        raise DeserializationError(
+            f"arguments do not fit: expected ({arguments._parameters(signature)}), "
+            f"got {arguments._shape(args, kwargs)}: {exc}"
+        ) from None
     for name, value in bound.arguments.items():
         if name in hints:
             problem = arguments._check(value, hints[name])

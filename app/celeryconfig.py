@@ -2,23 +2,79 @@
 
 Values that differ between machines come from the environment through `app.settings`; a bad
 one stops the process with one line naming the variable.
+
+Importing this module starts nothing. The settings that need the broker's address (broker,
+result backend, beat's Redis) are resolved when Celery first reads its configuration (a
+worker, beat or command starting), which is when the embedded Redis starts if BROKER_URL is
+unset. It lives inside the `app` package: a top-level `celeryconfig` in site-packages would be
+imported by Celery's default loader for any unrelated app without configuration.
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 
 from celery.schedules import crontab
 from kombu.entity import Queue
 
 from app.delivery import transport
-from app.settings import QUEUES, ConfigError, get_endpoints, get_settings, redis_client_url
+from app.settings import QUEUES, ConfigError, get_broker_url, get_settings, redis_client_url
 
 try:
     _settings = get_settings()
-    _endpoints = get_endpoints()
 except ConfigError as exc:
     raise SystemExit(f"configuration error: {exc}") from None
+
+
+@cache
+def _broker_settings() -> dict[str, object]:
+    """The settings that name the broker: read (and the embedded Redis started) on first use."""
+    try:
+        configured_broker = get_broker_url()
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    # Celery's command line reads BROKER_URL as its --broker option and passes it on in
+    # CELERY_BROKER_URL, which wins over broker_url; kombu ignores broker_transport for a
+    # redis+socket:// URL, so that variable gets the URL in the form broker_transport() gives.
+    cli_broker = os.environ.get("CELERY_BROKER_URL")
+    url, transport_name = transport.broker_transport(cli_broker or configured_broker)
+    if cli_broker:
+        os.environ["CELERY_BROKER_URL"] = url
+    beat_redis = _settings.beat_redis_url or redis_client_url(configured_broker)
+    return {
+        "broker_url": url,
+        "broker_transport": transport_name,
+        "result_backend": _settings.result_backend or configured_broker,
+        # Without Redis (a RabbitMQ broker and no BEAT_REDIS_URL) beat keeps Celery's default.
+        "beat_scheduler": (
+            "redbeat.RedBeatScheduler"
+            if beat_redis is not None
+            else "celery.beat:PersistentScheduler"
+        ),
+        "redbeat_redis_url": beat_redis,
+    }
+
+
+def __getattr__(name: str) -> object:
+    # Module attributes resolved on first read (PEP 562): Celery reads them by name.
+    if name in _BROKER_SETTINGS:
+        return _broker_settings()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Celery lists a configuration module's settings with dir().
+    return sorted({*globals(), *_BROKER_SETTINGS})
+
+
+_BROKER_SETTINGS = (
+    "broker_url",
+    "broker_transport",
+    "result_backend",
+    "beat_scheduler",
+    "redbeat_redis_url",
+)
 
 # Broker and results ------------------------------------------------------------------------
 
@@ -26,14 +82,7 @@ except ConfigError as exc:
 # kombu's, except that a worker takes a message and records who holds it in one atomic step,
 # a live worker's heartbeat keeps what it holds, a dead worker's messages go back to their
 # queues within seconds, and no message can stop a worker (see app/delivery/transport.py).
-# Celery's command line reads BROKER_URL as its --broker option and passes it on in
-# CELERY_BROKER_URL, which wins over broker_url; kombu ignores broker_transport for a
-# redis+socket:// URL, so that variable gets the URL in the form broker_transport() gives.
-_cli_broker = os.environ.get("CELERY_BROKER_URL")
-broker_url, broker_transport = transport.broker_transport(_cli_broker or _endpoints.broker_url)
-if _cli_broker:
-    os.environ["CELERY_BROKER_URL"] = broker_url
-result_backend = _endpoints.result_backend
+# broker_url, broker_transport and result_backend come from _broker_settings() above.
 result_expires = 24 * 3600
 broker_connection_retry_on_startup = True
 
@@ -158,10 +207,7 @@ beat_schedule: dict[str, dict[str, object]] = {
 # the lock between two renewals. The setting is beat_max_loop_interval: Celery ignores an
 # unknown name without a word (it was beat_max_interval, which left Celery's default of 300 s,
 # so a waiting beat took up to five minutes to notice the dead holder).
-_beat_redis = _settings.beat_redis_url or redis_client_url(_endpoints.broker_url)
-if _beat_redis is not None:
-    beat_scheduler = "redbeat.RedBeatScheduler"
-    redbeat_redis_url = _beat_redis
-    redbeat_key_prefix = "jobs_service:redbeat:"
-    redbeat_lock_timeout = 30
+# (beat_scheduler and redbeat_redis_url come from _broker_settings() above.)
+redbeat_key_prefix = "jobs_service:redbeat:"
+redbeat_lock_timeout = 30
 beat_max_loop_interval = 5
