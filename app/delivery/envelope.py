@@ -158,9 +158,10 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
         isinstance(executions, dict) and all(_is_int(v) for v in executions.values())
     ):
         raise Malformed("job_executions is not an object of counts")
-    enqueued = fields.get("job_enqueued_at")
-    if enqueued is not None and not (_is_number(enqueued) and math.isfinite(enqueued)):
-        raise Malformed(f"job_enqueued_at is {_short(enqueued)}, not a time")
+    for name in ("job_enqueued_at", "job_first_enqueued_at"):
+        enqueued = fields.get(name)
+        if enqueued is not None and not (_is_number(enqueued) and math.isfinite(enqueued)):
+            raise Malformed(f"{name} is {_short(enqueued)}, not a time")
 
 
 def decoded_body(payload: Mapping[str, Any]) -> Any:

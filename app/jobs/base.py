@@ -61,8 +61,10 @@ logger = logging.getLogger("app.jobs")
 DEFAULT_QUEUE = "default"
 #: Message headers the job layer reads and writes.
 EXECUTIONS_HEADER = "job_executions"
+#: When the job was first enqueued (a retry keeps it; `job_enqueued_at` is each message's own).
+FIRST_ENQUEUED_HEADER = "job_first_enqueued_at"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
-CARRIED_HEADERS = (EXECUTIONS_HEADER, CORRELATION_HEADER)
+CARRIED_HEADERS = (EXECUTIONS_HEADER, CORRELATION_HEADER, FIRST_ENQUEUED_HEADER)
 
 JOB_NAME = re.compile(r"jobs\.[a-z][a-z0-9_]*")
 
@@ -130,6 +132,10 @@ class Job(Task):  # type: ignore[misc]
     max_retries = None
     #: Tells the transport when a requeue follows the death of the job's process (poison).
     Request = "app.delivery.requests:Request"
+    #: A job's failure is the job layer's to report: Celery logs it at INFO without its
+    #: traceback ("raised expected"), and the one ERROR line is the dead letter's, whose entry
+    #: keeps the traceback (`jobs-service dead-letters show`).
+    throws = (Exception,)
 
     @cached_property
     def policies(self) -> tuple[Policy, ...]:
@@ -165,6 +171,7 @@ class Job(Task):  # type: ignore[misc]
             bind_arguments(self.run, args, kwargs)  # a bad call fails here, at the caller
         headers = dict(options.pop("headers", None) or {})
         headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
+        headers.setdefault(FIRST_ENQUEUED_HEADER, time.time())
         correlation = current_correlation_id.get()
         if correlation is not None:  # a job enqueued by a job carries its correlation id
             headers.setdefault(CORRELATION_HEADER, correlation)
@@ -275,6 +282,7 @@ class Job(Task):  # type: ignore[misc]
                 raise self.retry(exc=error, countdown=wait, headers=headers)
             self.exhausted(error, execution, policy, executions)
             error.job_exhausted = True  # type: ignore[attr-defined]  # read by on_failure
+            error.job_executions = counts  # type: ignore[attr-defined]  # this one included
         instrumentation.finished(execution, "failure", error)
         raise error
 
@@ -290,7 +298,13 @@ class Job(Task):  # type: ignore[misc]
         if request.is_eager:  # perform_now: the caller gets the exception
             return
         current = request.id == task_id  # False in the parent after a hard time limit
-        enqueued_at = _header(request, ENQUEUED_AT_HEADER) if current else None
+        enqueued_at = None
+        if current:
+            enqueued_at = _header(request, FIRST_ENQUEUED_HEADER) or _header(
+                request, ENQUEUED_AT_HEADER
+            )
+        # The counts with the failing execution included (the header holds those before it).
+        executions = getattr(exc, "job_executions", None) or _header(request, EXECUTIONS_HEADER)
         if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
             reason = "time_limit"
         else:
@@ -301,9 +315,7 @@ class Job(Task):  # type: ignore[misc]
             queue=_delivered_queue(request) if current else None,
             args=list(args or ()),
             kwargs=dict(kwargs or {}),
-            headers={EXECUTIONS_HEADER: _header(request, EXECUTIONS_HEADER) or {}}
-            if current
-            else {},
+            headers={EXECUTIONS_HEADER: executions or {}} if current else {},
             reason=reason,
             error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
             error_message=str(exc),
@@ -316,9 +328,14 @@ class Job(Task):  # type: ignore[misc]
     def exhausted(
         self, error: Exception, execution: Execution, policy: RetryOn, executions: int
     ) -> None:
-        """Called when a retry policy has run out of attempts; the job then fails for good."""
+        """Called when a retry policy has run out of attempts; the job then fails for good.
+
+        In a worker the job then goes to the dead-letter store, whose line is the ERROR one;
+        run inline (`perform_now`) nothing is stored, and this line is the ERROR one.
+        """
         request = self.request
-        logger.error(
+        logger.log(
+            logging.ERROR if request.is_eager else logging.WARNING,
             "job failed for good %s[%s] after %d executions for %s: %s: %s; "
             "replay with: send_task(%r, args=%r, kwargs=%r, queue=%r)",
             self.name,

@@ -106,9 +106,9 @@ def finished(execution: Execution, outcome: str, error: BaseException | None = N
     """Log the finish with its duration and outcome; count the outcome and time the run."""
     execution.outcome, execution.error = outcome, error
     duration = execution.duration
-    level = {"success": logging.INFO, "retry": logging.WARNING, "discard": logging.WARNING}.get(
-        outcome, logging.ERROR
-    )
+    # A failure is a WARNING here: the job then goes to the dead-letter store, whose line is
+    # the one ERROR line (or, run inline, the caller gets the exception).
+    level = logging.INFO if outcome == "success" else logging.WARNING
     logger.log(
         level,
         "job finished %s[%s] queue=%s attempt=%d outcome=%s duration=%.3fs%s",

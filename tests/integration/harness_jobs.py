@@ -183,3 +183,9 @@ def retry_once(self: Any, token: str) -> None:
     if self.request.retries == 0:
         raise self.retry(countdown=3)
     _record(token, self.request)
+
+
+@job("jobs.test_always_fails", retry_on=[RetryOn(NotYet, wait=2, jitter=0, attempts=3)])
+def always_fails(token: str) -> None:
+    """Fail every time: retried twice, 2 s apart, then dead-lettered."""
+    raise NotYet(f"{token}: never")

@@ -30,7 +30,7 @@ from app.delivery import bulk
 from app.delivery.records import Keys
 from app.jobs import base
 from app.jobs.arguments import RowId
-from app.jobs.base import Prepared, job, perform_all_later
+from app.jobs.base import FIRST_ENQUEUED_HEADER, Prepared, job, perform_all_later
 from app.logs import CORRELATION_HEADER, current_correlation_id
 from app.queues import ENQUEUED_AT_HEADER
 from app.settings import redis_client_url
@@ -40,7 +40,15 @@ from tests.integration.factories import wait_until
 #: (job, args, kwargs, options) of a call.
 Call = tuple[Any, tuple[Any, ...], dict[str, Any], dict[str, Any]]
 #: Headers and properties that differ between any two messages, even of one call.
-PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", ENQUEUED_AT_HEADER, "eta"}
+PER_MESSAGE = {
+    "id",
+    "root_id",
+    "correlation_id",
+    "delivery_tag",
+    ENQUEUED_AT_HEADER,
+    FIRST_ENQUEUED_HEADER,
+    "eta",
+}
 
 
 def odd_to_urgent(n: int, note: str = "", email: str | None = None) -> str:

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from celery.worker import WorkController
 from sqlalchemy import func, insert, select
@@ -14,8 +16,16 @@ from sqlalchemy import func, insert, select
 from app.db import session_scope
 from app.models import DeadLetter, Product
 from app.services import dead_letters
-from tests.integration.conftest import ROOT, Services, run_cli
+from tests.integration.conftest import (
+    ROOT,
+    Services,
+    flush_broker,
+    isolated_broker,
+    run_cli,
+    worker_env,
+)
 from tests.integration.factories import make_product, reload, scalar, wait_until
+from tests.integration.harness_jobs import NotYet, always_fails
 
 
 def failure(
@@ -114,3 +124,34 @@ def test_a_bad_configuration_is_one_line(services: Services) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("configuration error: DATABASE_URL: expected")
+
+
+def test_a_dead_lettered_job_keeps_its_first_enqueue_time_all_its_executions_and_one_error_line(
+    services: Services, tmp_path: Path
+) -> None:
+    """Three executions, two retries 2 s apart in a real worker: the entry's `enqueued_at` is
+    the first enqueue, its counts include the last execution, and the worker's log holds one
+    ERROR line for it and no traceback (the traceback is in the entry)."""
+    from tests.integration.test_scheduled import job_producer, workers
+
+    broker = isolated_broker(services.broker_url, 14)
+    flush_broker(broker)
+    with workers(worker_env(services, broker), tmp_path, 1) as (worker,):
+        with job_producer(broker) as producer:
+            first = time.time()
+            result = always_fails.apply_async(["doomed"], producer=producer)
+        wait_until(lambda: scalar(select(func.count()).select_from(DeadLetter)), timeout=60)
+        time.sleep(1)  # the last log lines
+    with session_scope() as session:
+        (entry,) = dead_letters.entries(session)
+        assert entry.task_id == result.id and entry.attempts == 3
+        assert entry.enqueued_at is not None
+        assert abs(entry.enqueued_at.timestamp() - first) < 1  # not the last retry's (4 s on)
+        assert entry.headers["job_executions"] == {f"{NotYet.__module__}.NotYet": 3}
+        assert entry.traceback and "NotYet: doomed: never" in entry.traceback
+    shown = run_cli(services, "dead-letters", "show", str(entry.id), "--json")
+    assert json.loads(shown.stdout)["attempts"] == 3
+    log = worker.log.read_text()
+    errors = [line for line in log.splitlines() if "ERROR" in line and result.id in line]
+    assert len(errors) == 1 and "job dead-lettered" in errors[0], errors
+    assert "Traceback" not in log
