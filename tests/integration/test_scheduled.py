@@ -22,8 +22,10 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.connection import Connection
 
 from app import celery
+from app.delivery import transport
 from app.delivery.records import Keys
 from app.settings import redis_client_url
 from tests.integration.conftest import (
@@ -65,8 +67,12 @@ def ready(log: Path, starts: int = 1) -> None:
 
 @contextmanager
 def job_producer(broker: str) -> Iterator[Any]:
-    """A producer on `broker` through this service's app and transport (the job layer)."""
-    with celery.connection_for_write(broker) as connection, connection.Producer() as producer:
+    """A producer on `broker` through this service's transport, as the app would pick it for
+    that URL (a TCP or a unix-socket Redis, whatever the app's own broker is)."""
+    url, transport_class = transport.broker_transport(broker)
+    options = celery.conf.broker_transport_options
+    connection = Connection(url, transport=transport_class, transport_options=options)
+    with connection, connection.Producer() as producer:
         yield producer
 
 
@@ -181,13 +187,15 @@ def test_two_workers_polling_enqueue_each_due_job_exactly_once_never_early(
     client = client_for(broker)
     count = 2000
     with workers(worker_env(services, broker), tmp_path, 2):
-        due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=8)
+        # Far enough ahead that every job is published before any falls due, on a busy machine.
+        due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=25)
         with job_producer(broker) as producer:
             ids = [
                 record_run.apply_async([f"same-second-{i}"], eta=due, producer=producer).id
                 for i in range(count)
             ]
-        assert waiting(client) == count
+        assert time.time() < due.timestamp(), "publishing outlasted the wait: raise it"
+        assert waiting(client) == count and held(client) == 0
         wait_until(lambda: client.llen(RUNS_KEY) >= count, timeout=120)
         time.sleep(2)
     done = runs(client)
