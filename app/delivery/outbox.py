@@ -1,11 +1,11 @@
 """The transactional outbox: a job enqueued in a committed transaction is never lost.
 
 Inside an open `session_scope()`, the job layer (`app.jobs.base`) writes each job it enqueues as
-a row of `outbox` in the caller's transaction, with its task id fixed then: a rollback leaves
-nothing, a commit makes the job certain. Right after the commit the enqueuing process publishes
-its rows and deletes them (the fast path: one DELETE after the publish). If that publish fails
-(the broker is down) the caller gets no error and the rows stay; if the process dies between
-the commit and the publish, the rows stay too.
+a row of `outbox_messages` in the caller's transaction, with its task id fixed then: a
+rollback leaves nothing, a commit makes the job certain. Right after the commit the enqueuing
+process publishes its rows and deletes them (the fast path: one DELETE after the publish). If
+that publish fails (the broker is down) the caller gets no error and the rows stay; if the
+process dies between the commit and the publish, the rows stay too.
 
 A relay in every worker process (a thread, started when the worker is ready) publishes what
 stays: every `RELAY_INTERVAL` it takes the oldest rows older than `GRACE` seconds (left to their

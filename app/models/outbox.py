@@ -17,7 +17,7 @@ class OutboxMessage(Base):
     every worker publishes whatever that left (the broker was down, the process died).
     """
 
-    __tablename__ = "outbox"
+    __tablename__ = "outbox_messages"
 
     id: Mapped[int] = primary_key()  # publishing order: a producer's commit order
     task_id: Mapped[str] = mapped_column(String(255))

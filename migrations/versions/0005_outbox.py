@@ -1,7 +1,7 @@
 """the transactional outbox
 
-Jobs enqueued inside a transaction are written to `outbox` in that transaction, published
-right after the commit, and relayed by the workers if that publish did not happen.
+Jobs enqueued inside a transaction are written to `outbox_messages` in that transaction,
+published right after the commit, and relayed by the workers if that publish did not happen.
 
 Revision ID: 0005
 Revises: 0004
@@ -23,7 +23,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_table(
-        "outbox",
+        "outbox_messages",
         sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
         sa.Column("task_id", sa.String(length=255), nullable=False),
         sa.Column("job_name", sa.String(length=255), nullable=False),
@@ -34,9 +34,9 @@ def upgrade() -> None:
             server_default=sa.text("clock_timestamp()"),
             nullable=False,
         ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox_messages")),
     )
 
 
 def downgrade() -> None:
-    op.drop_table("outbox")
+    op.drop_table("outbox_messages")
