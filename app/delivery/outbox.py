@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from app.db import get_engine
@@ -59,11 +59,30 @@ class Row:
 
 def write(session: Session, rows: Sequence[dict[str, str]]) -> list[int]:
     """Insert `rows` ({task_id, job_name, payload}) in the session's transaction, in one
-    statement; their ids, in order."""
+    statement; their ids."""
     if not rows:
         return []
-    result = session.execute(insert(OutboxMessage).returning(OutboxMessage.id), list(rows))
+    if len(rows) == 1:
+        result = session.execute(insert(OutboxMessage).returning(OutboxMessage.id), list(rows))
+        return list(result.scalars().all())
+    # Many rows: three arrays unnested by the server, one statement whatever the count (an
+    # INSERT of VALUES lists costs the client a parameter set per row).
+    result = session.execute(
+        _INSERT_MANY,
+        {
+            "task_ids": [row["task_id"] for row in rows],
+            "job_names": [row["job_name"] for row in rows],
+            "payloads": [row["payload"] for row in rows],
+        },
+    )
     return list(result.scalars().all())
+
+
+_INSERT_MANY = text(
+    "INSERT INTO outbox_messages (task_id, job_name, payload) "
+    "SELECT * FROM unnest(CAST(:task_ids AS text[]), CAST(:job_names AS text[]), "
+    "CAST(:payloads AS text[])) RETURNING id"
+)
 
 
 def forget(ids: Sequence[int]) -> None:
@@ -76,7 +95,11 @@ def forget(ids: Sequence[int]) -> None:
     if ids:
         with get_engine().begin() as connection:
             connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            connection.execute(delete(TABLE).where(TABLE.c.id.in_(list(ids))))
+            connection.execute(_DELETE_MANY, {"ids": list(ids)})
+
+
+#: One array parameter, however many ids (an IN list costs a parameter per id).
+_DELETE_MANY = text("DELETE FROM outbox_messages WHERE id = ANY(CAST(:ids AS bigint[]))")
 
 
 @dataclass(frozen=True)
@@ -129,7 +152,7 @@ def relay_once(
             return 0
         rows = [Row(int(i), str(t), str(j), str(p)) for i, t, j, p in found]
         publish(rows)
-        connection.execute(delete(TABLE).where(TABLE.c.id.in_([r.id for r in rows])))
+        connection.execute(_DELETE_MANY, {"ids": [r.id for r in rows]})
     return len(rows)
 
 
