@@ -1756,10 +1756,10 @@ def restore_outbox() -> None:
     from app.db import get_engine
 
     with get_engine().begin() as connection:
-        connection.execute(text("TRUNCATE outbox"))
-        connection.execute(text(f"INSERT INTO outbox SELECT * FROM {OUTBOX_COPY}"))
+        connection.execute(text("TRUNCATE outbox_messages"))
+        connection.execute(text(f"INSERT INTO outbox_messages SELECT * FROM {OUTBOX_COPY}"))
     with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text("ANALYZE outbox"))
+        connection.execute(text("ANALYZE outbox_messages"))
 
 
 def relay_all(grace: float) -> int:
@@ -1834,7 +1834,7 @@ def bench_outbox_relay(size: int, rounds: int = 2) -> dict[str, Any]:
         raise RuntimeError(f"outbox relay: {outbox_rows()} of {size} rows left by the outage")
     with get_engine().begin() as connection:
         connection.execute(text(f"DROP TABLE IF EXISTS {OUTBOX_COPY}"))
-        connection.execute(text(f"CREATE TABLE {OUTBOX_COPY} AS SELECT * FROM outbox"))
+        connection.execute(text(f"CREATE TABLE {OUTBOX_COPY} AS SELECT * FROM outbox_messages"))
 
     def bulk_floor() -> float:
         client.delete(queue)
@@ -1889,7 +1889,7 @@ def bench_outbox_relay(size: int, rounds: int = 2) -> dict[str, Any]:
         client.flushdb()
         with get_engine().begin() as connection:
             connection.execute(text(f"DROP TABLE IF EXISTS {OUTBOX_COPY}"))
-            connection.execute(text("TRUNCATE outbox"))
+            connection.execute(text("TRUNCATE outbox_messages"))
     mean = {side: statistics.fmean(values) for side, values in rates.items()}
 
     def listed(side: str) -> str:
