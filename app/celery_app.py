@@ -5,9 +5,13 @@ from __future__ import annotations
 from celery import Celery, signals
 
 from app import logs  # noqa: F401  (connects the log set-up and job-context signals)
+from app.delivery.outbox import start_relay, stop_relay
 from app.delivery.scheduled import install_revoke_hook
 
 celery_app = Celery("jobs_service", task_cls="app.delivery.requests:Task")
 celery_app.config_from_object("app.celeryconfig")
 # A revoke deletes the job from the scheduled set too (Celery keeps revoked ids in memory only).
 signals.worker_init.connect(install_revoke_hook, weak=False)
+# Every worker relays what the outbox holds after its enqueuing process could not publish it.
+signals.worker_ready.connect(start_relay, weak=False)
+signals.worker_shutdown.connect(stop_relay, weak=False)

@@ -7,6 +7,7 @@
     jobs-service schedule                    the beat schedule with next run times
     jobs-service health                      exits 1 when no worker answers or jobs are stranded
     jobs-service dead-letters list|show|retry|discard
+    jobs-service outbox                      jobs committed but not yet published
     jobs-service scheduled list|show|run-now|delete   jobs waiting in Redis for their time
     jobs-service retries list                         jobs waiting to be tried again
 
@@ -608,6 +609,31 @@ def discard_command(entry_ids: tuple[int, ...], everything: bool) -> None:
             except dead_letters.DeadLetterNotFound as exc:
                 _fail(str(exc))
         click.echo(f"discarded #{entry_id} {entry.job_name}")
+
+
+@main.command("outbox")
+@click.option("--limit", default=10, show_default=True, help="How many of the oldest rows.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def outbox_command(limit: int, as_json: bool) -> None:
+    """Jobs committed but not yet published: how many, the oldest's age, the oldest rows."""
+    from app.delivery import outbox
+
+    if limit < 0:
+        _fail(f"--limit must be 0 or more, got {limit}")
+    waiting = outbox.pending()
+    rows = [
+        {"id": i, "task_id": t, "job": j, "age_seconds": round(a, 3)}
+        for i, t, j, a in outbox.oldest(limit)
+    ]
+    age = round(waiting.oldest_age, 3) if waiting.oldest_age is not None else None
+    if as_json:
+        click.echo(json.dumps({"pending": waiting.rows, "oldest_age_seconds": age, "oldest": rows}))
+        return
+    if not waiting.rows:
+        click.echo("outbox: empty (every committed job has been published)")
+        return
+    click.echo(f"outbox: {waiting.rows} job(s) waiting to be published, the oldest for {age} s")
+    click.echo(_table(rows, ["id", "task_id", "job", "age_seconds"]))
 
 
 @main.group("scheduled")

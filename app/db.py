@@ -50,6 +50,8 @@ os.register_at_fork(after_in_child=_forget_parent_connections)
 _after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar(
     "after_commit", default=None
 )
+#: The session of the innermost open scope (what the outbox writes in).
+_open_session: ContextVar[Session | None] = ContextVar("open_session", default=None)
 
 
 @contextmanager
@@ -64,6 +66,7 @@ def session_scope() -> Iterator[Session]:
     callbacks: list[Callable[[], None]] = []
     token = _after_commit.set(callbacks)
     session = _session_factory()
+    session_token = _open_session.set(session)
     try:
         yield session
         session.commit()
@@ -71,9 +74,15 @@ def session_scope() -> Iterator[Session]:
         session.rollback()
         raise
     finally:
+        _open_session.reset(session_token)
         session.close()
         _after_commit.reset(token)
     _run_after_commit(callbacks)
+
+
+def open_session() -> Session | None:
+    """The session of the innermost open `session_scope` of this thread or task, if any."""
+    return _open_session.get()
 
 
 def after_commit(callback: Callable[[], None]) -> bool:

@@ -77,6 +77,7 @@ class Settings:
     visibility_timeout: float
     heartbeat_timeout: float
     poison_after: int
+    outbox_relay: bool
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -315,6 +316,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "WORKER_HEARTBEAT_TIMEOUT", env.get("WORKER_HEARTBEAT_TIMEOUT", "").strip(), 5.0, 3.0
         ),
         poison_after=_count(env, "POISON_AFTER", 3),
+        outbox_relay=_choice(env, "OUTBOX_RELAY", ("true", "false"), "true") == "true",
     )
 
 

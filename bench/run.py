@@ -39,6 +39,17 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
 
   At the full size the memory benchmark takes about 6 minutes, most of it stock Celery's worker
   taking the 100,000 ETA tasks (about 400 a second); the other two take 1-2 minutes.
+- transactional outbox (issue 15):
+  - enqueue in a transaction: `with session_scope(): job.delay(...)`, 2,000 transactions
+    (500 with `--quick`; half as many with a row of the caller's own written too, reported),
+    and `perform_all_later` of 10,000 (2,000) in one transaction, through the outbox vs the
+    after-commit publish it replaced (`_through_outbox` patched to return False in the
+    benchmark process), alternated, twice each; the queue and the outbox checked after each run
+  - relay throughput: 100,000 jobs (10,000) left in the outbox by an outage (every publish
+    failing while `perform_all_later` commits them), relayed by `relay_once` loops in the
+    benchmark process and by two relay processes at once (each job published once, the
+    outbox empty); baseline: `perform_all_later` of as many jobs outside a transaction (the
+    bulk publish the relay uses) and pipelined LPUSHes of the same messages
 
 Workers log to bench/results/worker.log.
 """
@@ -82,6 +93,8 @@ BENCHMARKS = (
     "scheduled_memory",
     "scheduled_lateness",
     "scheduled_poller",
+    "outbox_enqueue",
+    "outbox_relay",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -1560,6 +1573,360 @@ def bench_scheduled_poller(size: int, rounds: int = 2) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def outbox_bypassed() -> Iterator[None]:
+    """Inside, the job layer enqueues as main did before the outbox: `_through_outbox` says
+    "not in a transaction", so `.delay()` and `perform_all_later` inside a `session_scope`
+    fall through to `after_commit(deliver)`, the publish right after the commit."""
+    from app.jobs import base
+
+    original = base._through_outbox
+    base._through_outbox = lambda prepared, producer=None: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        base._through_outbox = original  # type: ignore[assignment]
+
+
+@contextmanager
+def broker_refusing() -> Iterator[None]:
+    """Inside, every publish of the job layer fails as with Redis down (kombu's
+    OperationalError), so the outbox's fast path leaves its rows (it logs one warning per
+    commit); this process's other Redis clients still work."""
+    from kombu.exceptions import OperationalError
+
+    from app.jobs import base
+
+    def refuse(prepared: Any, producer: Any = None) -> None:
+        raise OperationalError("Error 111 connecting to the broker (the benchmark's outage)")
+
+    original = base._deliver
+    base._deliver = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        base._deliver = original  # type: ignore[assignment]
+
+
+def outbox_rows() -> int:
+    """Rows in the outbox table."""
+    from app.delivery import outbox
+
+    return outbox.pending().rows
+
+
+def bench_outbox_enqueue(per_job: int, bulk: int, rounds: int = 2) -> dict[str, Any]:
+    """Enqueueing inside a transaction through the outbox vs the after-commit publish it
+    replaced (`outbox_bypassed`), alternated `rounds` times: `per_job` transactions of one
+    `.delay()` each, and one transaction of `perform_all_later` of `bulk` jobs."""
+    from app.db import session_scope
+    from app.jobs.base import perform_all_later
+    from app.models import Dataset
+    from bench.tasks import bench_noop
+
+    client = redis_client()
+    client.flushdb()
+    queue = "default"
+
+    def one_per_transaction(count: int) -> float:
+        started = time.perf_counter()
+        for i in range(count):
+            with session_scope():
+                bench_noop.delay(i)
+        return (time.perf_counter() - started) / count
+
+    def with_a_write(count: int) -> float:  # as a caller would: its own row, then the job
+        started = time.perf_counter()
+        for i in range(count):
+            with session_scope() as session:
+                session.add(Dataset(name=f"outbox-bench-{i}"))
+                bench_noop.delay(i)
+        return (time.perf_counter() - started) / count
+
+    def all_in_one(count: int) -> float:
+        started = time.perf_counter()
+        with session_scope():
+            perform_all_later(bench_noop.s(i) for i in range(count))
+        return time.perf_counter() - started
+
+    def measure(side: str, run: Callable[[int], float], count: int) -> float:
+        client.delete(queue)
+        if side == "baseline":
+            with outbox_bypassed():
+                seconds = run(count)
+        else:
+            seconds = run(count)
+        published, left = int(client.llen(queue)), outbox_rows()
+        checks.append({"side": side, "jobs": count, "published": published, "outbox_left": left})
+        if published != count or left:
+            raise RuntimeError(
+                f"outbox enqueue ({side}): {published} of {count} published, {left} rows left"
+            )
+        client.delete(queue)
+        return seconds
+
+    checks: list[dict[str, Any]] = []
+    for side in ("baseline", "outbox"):  # warm both paths (connections, statement caches)
+        measure(side, one_per_transaction, 100)
+        measure(side, all_in_one, 1000)
+    checks.clear()
+    per: dict[str, list[float]] = {"baseline": [], "outbox": []}
+    written: dict[str, list[float]] = {"baseline": [], "outbox": []}
+    whole: dict[str, list[float]] = {"baseline": [], "outbox": []}
+    for _ in range(rounds):
+        for side in ("baseline", "outbox"):
+            per[side].append(measure(side, one_per_transaction, per_job))
+            written[side].append(measure(side, with_a_write, per_job // 2))
+            whole[side].append(measure(side, all_in_one, bulk))
+    client.flushdb()
+    per_ratio = statistics.fmean(per["outbox"]) / statistics.fmean(per["baseline"])
+    written_ratio = statistics.fmean(written["outbox"]) / statistics.fmean(written["baseline"])
+    bulk_ratio = statistics.fmean(whole["outbox"]) / statistics.fmean(whole["baseline"])
+
+    def us(values: list[float]) -> str:
+        return ", ".join(f"{v * 1e6:.0f}" for v in values)
+
+    def secs(values: list[float]) -> str:
+        return ", ".join(f"{v:.3f}" for v in values)
+
+    return {
+        "name": "outbox: enqueue in a transaction",
+        "size": per_job,
+        "baseline": (
+            f"after-commit publish (outbox bypassed): one .delay() per transaction "
+            f"({per_job:,} transactions): {us(per['baseline'])} us/job; perform_all_later of "
+            f"{bulk:,} in one transaction: {secs(whole['baseline'])} s"
+        ),
+        "measured": (
+            f"through the outbox: {us(per['outbox'])} us/job ({per_ratio:.2f}x); "
+            f"perform_all_later of {bulk:,}: {secs(whole['outbox'])} s ({bulk_ratio:.2f}x)"
+        ),
+        "ratio": round(per_ratio, 2),
+        "target": "<= 1.3x per job, <= 1.1x perform_all_later of 10,000; outbox empty after",
+        "met": per_ratio <= 1.3 and bulk_ratio <= 1.1,
+        "per_job_seconds": per,
+        "per_job_with_a_write_seconds": written,
+        "bulk_seconds": whole,
+        "ratio_per_job": round(per_ratio, 3),
+        "ratio_per_job_with_a_write": round(written_ratio, 3),
+        "ratio_bulk": round(bulk_ratio, 3),
+        "checks": checks,
+        "note": (
+            "Alternated baseline, outbox, twice, each side: one .delay() of bench_noop per "
+            f"transaction ({per_job:,}), the same with the transaction also inserting a row of "
+            f"its own (a datasets row, {per_job // 2:,} transactions: baseline "
+            f"{us(written['baseline'])} us/job, outbox {us(written['outbox'])} us/job, "
+            f"{written_ratio:.2f}x; reported, not part of the target), then perform_all_later "
+            f"of {bulk:,} in one transaction. The baseline is the same code with "
+            "app.jobs.base._through_outbox patched to return False in the benchmark process, "
+            "so the job is published by after_commit(deliver), as before the outbox. Every "
+            "run checks that the queue holds exactly its jobs and that the outbox is empty "
+            "(the fast path deleted its rows). In the empty transaction the baseline never "
+            "touches PostgreSQL (a session with no statement does not connect), while the "
+            "outbox adds a BEGIN, an INSERT and a commit (one WAL flush), then the fast "
+            "path's DELETE transaction (outbox.forget, which commits without waiting for "
+            "the flush)."
+        ),
+    }
+
+
+#: Where the relay benchmark keeps its 100,000 pending rows between runs.
+OUTBOX_COPY = "bench_outbox_copy"
+
+
+def outbox_backlog(size: int) -> float:
+    """Leave `size` bench_noop jobs in the outbox as an outage would: committed through
+    `perform_all_later` in transactions of 10,000 while every publish fails; seconds taken."""
+    from app.db import session_scope
+    from app.jobs.base import perform_all_later
+    from bench.tasks import bench_noop
+
+    started = time.perf_counter()
+    with broker_refusing():
+        for first in range(0, size, 10_000):
+            with session_scope():
+                perform_all_later(bench_noop.s(i) for i in range(first, min(size, first + 10_000)))
+    return time.perf_counter() - started
+
+
+def restore_outbox() -> None:
+    """The outbox as the outage left it (its rows, ids and creation times), analyzed."""
+    from sqlalchemy import text
+
+    from app.db import get_engine
+
+    with get_engine().begin() as connection:
+        connection.execute(text("TRUNCATE outbox_messages"))
+        connection.execute(text(f"INSERT INTO outbox_messages SELECT * FROM {OUTBOX_COPY}"))
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("ANALYZE outbox_messages"))
+
+
+def relay_all(grace: float) -> int:
+    """One relay's catch-up: `relay_once` until it finds nothing (what `Relay.round` loops)."""
+    from app.delivery import outbox
+    from app.jobs.base import publish_outbox_rows
+
+    total = 0
+    while published := outbox.relay_once(publish_outbox_rows, outbox.RELAY_BATCH, grace):
+        total += published
+    return total
+
+
+def relay_process(barrier: Any, results: Any, grace: float) -> None:
+    """A relay in a process of its own (a worker's, as deployed): connected to PostgreSQL and
+    Redis, it waits at `barrier`, relays everything it can, and puts (start, end, rows) on
+    `results`."""
+    import bench.tasks  # noqa: F401  (the job it relays must be a job here, as in a worker)
+    from app.celery_app import celery_app
+    from app.db import get_engine
+
+    with get_engine().connect():
+        pass
+    with celery_app.connection_for_write() as connection:
+        connection.ensure_connection()
+    barrier.wait()
+    started = time.perf_counter()
+    total = relay_all(grace)
+    results.put((started, time.perf_counter(), total))
+
+
+def parallel_relays(relays: int, grace: float) -> tuple[float, list[int]]:
+    """`relays` relays in processes of their own, started together: seconds from the first
+    start to the last finish (CLOCK_MONOTONIC, shared), and the rows each published."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(relays)
+    results = context.Queue()
+    processes = [
+        context.Process(target=relay_process, args=(barrier, results, grace)) for _ in range(relays)
+    ]
+    for process in processes:
+        process.start()
+    found = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join(60)
+        if process.exitcode != 0:
+            raise RuntimeError(f"outbox relay: a relay process exited with {process.exitcode}")
+    return max(end for _, end, _ in found) - min(start for start, _, _ in found), [
+        n for _, _, n in found
+    ]
+
+
+def bench_outbox_relay(size: int, rounds: int = 2) -> dict[str, Any]:
+    """The relay's throughput over `size` rows an outage left, one relay (this process) and two
+    at once (two processes), vs `perform_all_later` of as many jobs outside a transaction (the
+    bulk publish the relay uses) and the raw Redis floor (pipelined LPUSH of the same bytes)."""
+    from sqlalchemy import text
+
+    from app.db import get_engine
+    from app.delivery import outbox
+    from app.jobs.base import perform_all_later
+    from bench.tasks import bench_noop
+
+    client = redis_client()
+    client.flushdb()
+    queue = "default"
+    grace = 0.0  # the rows are older than GRACE anyway; no relay waits on the clock here
+    made = outbox_backlog(size)
+    if outbox_rows() != size or client.llen(queue):
+        raise RuntimeError(f"outbox relay: {outbox_rows()} of {size} rows left by the outage")
+    with get_engine().begin() as connection:
+        connection.execute(text(f"DROP TABLE IF EXISTS {OUTBOX_COPY}"))
+        connection.execute(text(f"CREATE TABLE {OUTBOX_COPY} AS SELECT * FROM outbox_messages"))
+
+    def bulk_floor() -> float:
+        client.delete(queue)
+        seconds = timed(lambda: perform_all_later(bench_noop.s(i) for i in range(size)))
+        if int(client.llen(queue)) != size:
+            raise RuntimeError("outbox relay: perform_all_later lost messages")
+        return seconds
+
+    messages: list[bytes] = []
+
+    def lpush_floor() -> float:
+        client.delete(queue)
+        started = time.perf_counter()
+        for first in range(0, size, 1000):
+            with client.pipeline(transaction=False) as pipe:
+                pipe.lpush(queue, *messages[first : first + 1000])
+                pipe.execute()
+        seconds = time.perf_counter() - started
+        if int(client.llen(queue)) != size:
+            raise RuntimeError("outbox relay: the LPUSH floor lost messages")
+        return seconds
+
+    rates: dict[str, list[float]] = {"bulk": [], "one": [], "two": [], "lpush": []}
+    checks = []
+    try:
+        for _ in range(rounds):
+            rates["bulk"].append(size / bulk_floor())
+            for relays, side in ((1, "one"), (2, "two")):
+                restore_outbox()
+                client.delete(queue)
+                if relays == 1:
+                    started = time.perf_counter()
+                    published = [relay_all(grace)]
+                    seconds = time.perf_counter() - started
+                else:
+                    seconds, published = parallel_relays(relays, grace)
+                rates[side].append(size / seconds)
+                check = {
+                    "relays": relays,
+                    "published": published,
+                    "queued": int(client.llen(queue)),
+                    "outbox_left": outbox_rows(),
+                }
+                check["exactly_once"] = (
+                    sum(published) == check["queued"] == size and check["outbox_left"] == 0
+                )
+                checks.append(check)
+            if not messages:  # the bytes the relay pushed, for the floor
+                messages = [bytes(m) for m in client.lrange(queue, 0, -1)]
+            rates["lpush"].append(size / lpush_floor())
+    finally:
+        client.flushdb()
+        with get_engine().begin() as connection:
+            connection.execute(text(f"DROP TABLE IF EXISTS {OUTBOX_COPY}"))
+            connection.execute(text("TRUNCATE outbox_messages"))
+    mean = {side: statistics.fmean(values) for side, values in rates.items()}
+
+    def listed(side: str) -> str:
+        return ", ".join(f"{r:,.0f}" for r in rates[side])
+
+    size_kib = statistics.fmean(len(m) for m in messages) / 1024
+    return {
+        "name": "outbox: relay after an outage",
+        "size": size,
+        "baseline": (
+            f"perform_all_later of {size:,} outside a transaction (the bulk publish the relay "
+            f"uses): {listed('bulk')} jobs/s; raw Redis floor, pipelined LPUSH of the same "
+            f"messages (1,000 a pipeline): {listed('lpush')} jobs/s"
+        ),
+        "measured": (
+            f"relay_once loop ({outbox.RELAY_BATCH:,} rows a call): one relay "
+            f"{listed('one')} jobs/s; two relays at once (processes) {listed('two')} jobs/s, "
+            "each job published once, outbox empty"
+        ),
+        "ratio": round(mean["one"] / mean["bulk"], 2),
+        "target": ">= 10,000 jobs/s, each job once (ratio: one relay vs perform_all_later)",
+        "met": all(c["exactly_once"] for c in checks) and min(rates["one"]) >= 10_000,
+        "jobs_per_s": {side: [round(r) for r in values] for side, values in rates.items()},
+        "checks": checks,
+        "note": (
+            f"{size:,} bench_noop jobs committed through perform_all_later in transactions of "
+            f"10,000 while every publish failed (kombu OperationalError; {made:.1f} s), so "
+            f"the outbox kept them (messages of {size_kib:.2f} KiB); each round restores the "
+            "same rows (ids and creation times kept) and times relay_once(publish_outbox_rows) "
+            "looped until it finds nothing, in the benchmark process, then in two processes "
+            "started together (from the first start to the last finish); a round passes when "
+            "the relays' counts sum to the queue's length, exactly the jobs, and the outbox "
+            "is empty."
+        ),
+    }
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -1654,6 +2021,10 @@ def main() -> int:
             bench_scheduled_lateness(10_000 if quick else 100_000, single=20 if quick else 50)
         ],
         "scheduled_poller": lambda: [bench_scheduled_poller(10_000 if quick else 100_000)],
+        "outbox_enqueue": lambda: [
+            bench_outbox_enqueue(500 if quick else 2_000, bulk=2_000 if quick else 10_000)
+        ],
+        "outbox_relay": lambda: [bench_outbox_relay(10_000 if quick else 100_000)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

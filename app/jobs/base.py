@@ -26,7 +26,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.canvas import Signature
+from celery.canvas import Signature, maybe_signature
 from celery.exceptions import (
     Ignore,
     Reject,
@@ -36,9 +36,11 @@ from celery.exceptions import (
 )
 from celery.result import AsyncResult
 from celery.utils import uuid
+from kombu.utils import json as kombu_json
 
 from app.celery_app import celery_app
-from app.db import after_commit, session_scope
+from app.db import after_commit, open_session, session_scope
+from app.delivery import outbox
 from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
 from app.delivery.scheduled import ERROR_HEADER
 from app.jobs import instrumentation
@@ -201,7 +203,9 @@ class Job(Task):  # type: ignore[misc]
             _deliver([prepared], producer)
 
         # A retry is delivered at once: the scope it was raised in is rolling back.
-        if options.get("retries") or not after_commit(deliver):
+        if options.get("retries") or (
+            not _through_outbox([prepared], producer) and not after_commit(deliver)
+        ):
             deliver()
         return self.AsyncResult(prepared.task_id)
 
@@ -451,9 +455,84 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
     def deliver() -> None:
         _deliver(prepared)
 
-    if not after_commit(deliver):
+    if not _through_outbox(prepared) and not after_commit(deliver):
         deliver()
     return [p.job.AsyncResult(p.task_id) for p in prepared]
+
+
+def _through_outbox(prepared: Sequence[Prepared], producer: Any = None) -> bool:
+    """Inside an open `session_scope`, write the jobs to the outbox in its transaction and
+    publish them once it commits (app.delivery.outbox); False, and nothing done, outside one
+    (or while a test captures jobs)."""
+    session = open_session()
+    if session is None or capture is not None:
+        return False
+    rows = []
+    for item in prepared:
+        options = dict(item.options)
+        if options.get("countdown") is not None:  # fixed now: the relay may publish later
+            due = _scheduled_time(options)
+            options.pop("countdown")
+            options["eta"] = dt.datetime.fromtimestamp(due, dt.UTC)
+        try:
+            payload = kombu_json.dumps(
+                {"args": list(item.args), "kwargs": item.kwargs, "options": options}
+            )
+        except TypeError as exc:
+            raise TypeError(f"{item.job.name}: cannot be kept in the outbox: {exc}") from exc
+        rows.append({"task_id": item.task_id, "job_name": item.job.name, "payload": payload})
+    ids = outbox.write(session, rows)
+    after_commit(lambda: _publish_committed(ids, prepared, producer))
+    return True
+
+
+def _publish_committed(ids: Sequence[int], prepared: Sequence[Prepared], producer: Any) -> None:
+    """The fast path: publish what the transaction committed, then delete its outbox rows.
+    A failure is not the caller's: the rows stay, and a worker's relay publishes them."""
+    try:
+        _deliver(prepared, producer)
+    except Exception as exc:
+        logger.warning(
+            "could not publish %d job(s) after the commit (%s: %s); they are safe in the "
+            "outbox and a worker's relay will publish them",
+            len(prepared),
+            type(exc).__name__,
+            exc,
+            extra={"event": "outbox_deferred", "jobs": len(prepared)},
+        )
+        return
+    try:
+        outbox.forget(ids)
+    except Exception as exc:  # published: the relay may publish them again (same task ids)
+        logger.warning(
+            "published %d job(s) but could not delete their outbox rows (%s); a relay will "
+            "publish them again under the same task ids",
+            len(ids),
+            exc,
+        )
+
+
+def publish_outbox_rows(rows: Sequence[outbox.Row]) -> None:
+    """Publish rows of the outbox (the relay): jobs through the job layer's bulk path, any
+    other task name with `send_task`. Raises if the broker refuses, leaving them."""
+    prepared = []
+    for row in rows:
+        payload = kombu_json.loads(row.payload)
+        options = dict(payload.get("options") or {})
+        for name in ("link", "link_error"):
+            if options.get(name):
+                options[name] = maybe_signature(options[name], app=celery_app)
+        job = celery_app.tasks.get(row.job_name)
+        if isinstance(job, Job):
+            prepared.append(
+                Prepared(job, tuple(payload["args"]), payload["kwargs"], row.task_id, options)
+            )
+        else:  # no longer a job here (renamed in a deploy): by name, as any producer would
+            celery_app.send_task(
+                row.job_name, payload["args"], payload["kwargs"], task_id=row.task_id, **options
+            )
+    if prepared:
+        _deliver(prepared)
 
 
 def _deliver(prepared: Sequence[Prepared], producer: Any = None) -> None:

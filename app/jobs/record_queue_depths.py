@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.delivery import outbox
 from app.jobs.base import job
 from app.jobs.instrumentation import metrics
 from app.queues import queue_depths, scheduled_stats
@@ -11,7 +12,9 @@ from app.queues import queue_depths, scheduled_stats
 def record_queue_depths() -> dict[str, int]:
     """Send `queues.<name>.depth` and `queues.<name>.oldest_age` (seconds) gauges to StatsD,
     and `scheduled.size` and `scheduled.oldest_overdue` (seconds the most overdue entry of the
-    scheduled set is past its time; 0 when none is) where the broker is Redis."""
+    scheduled set is past its time; 0 when none is) where the broker is Redis, and
+    `outbox.pending` and `outbox.oldest_age` (seconds; 0 when empty): jobs committed and not
+    yet published."""
     client = metrics()
     depths = {}
     for depth in queue_depths():
@@ -19,6 +22,9 @@ def record_queue_depths() -> dict[str, int]:
         if depth.oldest_age is not None:
             client.gauge(f"queues.{depth.queue}.oldest_age", round(depth.oldest_age, 3))
         depths[depth.queue] = depth.depth
+    committed = outbox.pending()
+    client.gauge("outbox.pending", committed.rows)
+    client.gauge("outbox.oldest_age", round(committed.oldest_age or 0.0, 3))
     waiting = scheduled_stats()
     if waiting is not None:
         client.gauge("scheduled.size", waiting.size)

@@ -7,6 +7,7 @@ from app.models.dataset import Dataset, Record
 from app.models.dead_letter import DeadLetter
 from app.models.email_delivery import EmailDelivery
 from app.models.order import Order, OrderItem
+from app.models.outbox import OutboxMessage
 from app.models.payment import Payment
 from app.models.product import InventoryAudit, Product
 from app.models.report import Report
@@ -23,6 +24,7 @@ __all__ = [
     "InventoryAudit",
     "Order",
     "OrderItem",
+    "OutboxMessage",
     "Payment",
     "Product",
     "Record",

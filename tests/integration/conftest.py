@@ -100,6 +100,9 @@ def start_services() -> tuple[Services, Callable[[], None]]:
         "SMTP_HOST": smtp.host,
         "SMTP_PORT": str(smtp.port),
         "PAYMENT_GATEWAY_URL": gateway.url,
+        # The in-process worker relays nothing: the outbox tests' rows belong to the brokers
+        # of their own workers (worker_env turns the relay on), not to this process's broker.
+        "OUTBOX_RELAY": "false",
     }
     saved = {k: os.environ.get(k) for k in pointed}
     os.environ.update(pointed)
@@ -331,8 +334,15 @@ def producer_for(broker: str) -> Any:
 
 
 def worker_env(services: Services, broker: str, **extra: str) -> dict[str, str]:
-    """The environment of a worker subprocess on `broker` and the tests' database."""
-    return {**os.environ, "BROKER_URL": broker, "DATABASE_URL": services.database_url, **extra}
+    """The environment of a worker subprocess on `broker` and the tests' database (its outbox
+    relay on, as by default: the in-process worker's is off, see `start_services`)."""
+    return {
+        **os.environ,
+        "BROKER_URL": broker,
+        "DATABASE_URL": services.database_url,
+        "OUTBOX_RELAY": "true",
+        **extra,
+    }
 
 
 def run_cli(

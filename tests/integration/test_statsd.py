@@ -139,3 +139,4 @@ def test_job_metrics_reach_the_statsd_daemon(services: Services, tmp_path: Path)
     # The job an hour ahead, and the ProductNotFound retry if it still waits for its time.
     assert gauges["svc.scheduled.size"] in (1, 2)
     assert gauges["svc.scheduled.oldest_overdue"] == 0
+    assert gauges["svc.outbox.pending"] == 0 and gauges["svc.outbox.oldest_age"] == 0

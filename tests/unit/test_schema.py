@@ -9,6 +9,7 @@ from app.models import Base
 RAILS_TABLES = {
     "users",
     "dead_letters",
+    "outbox_messages",
     "orders",
     "order_items",
     "products",
