@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -776,6 +776,22 @@ def _scheduled_ids(
     return client, prefix, list(dict.fromkeys(e.task_id or e.member for e in found))
 
 
+def _act_on_scheduled(
+    task_ids: tuple[str, ...],
+    everything: bool,
+    job_name: str | None,
+    action: Callable[[Any, str, str], int],
+    done: str,
+) -> None:
+    """Apply `action(client, task_id, prefix)` to each selected waiting job; exit 2 on one that
+    does not wait."""
+    client, prefix, selected = _scheduled_ids(task_ids, everything, job_name)
+    for task_id in selected:
+        if not _broker_call(lambda t=task_id: action(client, t, prefix)):
+            _fail(f"no scheduled job with task id {task_id!r}")
+        click.echo(f"{task_id}: {done}")
+
+
 @scheduled_group.command("run-now")
 @click.argument("task_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every waiting job.")
@@ -786,11 +802,7 @@ def scheduled_run_now_command(
     """Make waiting jobs due now: the next poll (within a second) enqueues them."""
     from app.delivery import scheduled
 
-    client, prefix, selected = _scheduled_ids(task_ids, everything, job_name)
-    for task_id in selected:
-        if not _broker_call(lambda t=task_id: scheduled.run_now(client, t, prefix)):
-            _fail(f"no scheduled job with task id {task_id!r}")
-        click.echo(f"{task_id}: due now")
+    _act_on_scheduled(task_ids, everything, job_name, scheduled.run_now, "due now")
 
 
 @scheduled_group.command("delete")
@@ -803,11 +815,7 @@ def scheduled_delete_command(
     """Delete waiting jobs: they never run."""
     from app.delivery import scheduled
 
-    client, prefix, selected = _scheduled_ids(task_ids, everything, job_name)
-    for task_id in selected:
-        if not _broker_call(lambda t=task_id: scheduled.delete(client, t, prefix)):
-            _fail(f"no scheduled job with task id {task_id!r}")
-        click.echo(f"{task_id}: deleted")
+    _act_on_scheduled(task_ids, everything, job_name, scheduled.delete, "deleted")
 
 
 if __name__ == "__main__":

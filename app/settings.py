@@ -340,24 +340,23 @@ def get_database_url() -> str:
 
     Only the database: a migration or a query must not start an embedded Redis.
     """
-    settings = get_settings()
-    if settings.database_url is not None:
-        return settings.database_url
-    from app import embedded  # only development and tests reach this
-
-    url = embedded.ensure_running(settings.state_dir, postgres=True, redis=False).database_url
-    assert url is not None
-    return url
+    return get_settings().database_url or _embedded_url("database_url")
 
 
 def get_broker_url() -> str:
     """The broker in use: the configured one, or the embedded Redis (started if need be)."""
-    settings = get_settings()
-    if settings.broker_url is not None:
-        return settings.broker_url
+    return get_settings().broker_url or _embedded_url("broker_url")
+
+
+def _embedded_url(which: str) -> str:
+    """The URL of the one embedded server `which` names, started if need be (and only it)."""
     from app import embedded  # only development and tests reach this
 
-    url = embedded.ensure_running(settings.state_dir, postgres=False, redis=True).broker_url
+    database = which == "database_url"
+    running = embedded.ensure_running(
+        get_settings().state_dir, postgres=database, redis=not database
+    )
+    url = running.database_url if database else running.broker_url
     assert url is not None
     return url
 
