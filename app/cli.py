@@ -10,6 +10,7 @@
     jobs-service outbox                      jobs committed but not yet published
     jobs-service scheduled list|show|run-now|delete   jobs waiting in Redis for their time
     jobs-service retries list                         jobs waiting to be tried again
+    jobs-service flow                        unique keys, concurrency slots, rate windows
 
 Output is a readable table by default and JSON with `--json`. Arguments holding personal or
 payment data are redacted in every listing.
@@ -634,6 +635,62 @@ def outbox_command(limit: int, as_json: bool) -> None:
         return
     click.echo(f"outbox: {waiting.rows} job(s) waiting to be published, the oldest for {age} s")
     click.echo(_table(rows, ["id", "task_id", "job", "age_seconds"]))
+
+
+@main.command("flow")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def flow_command(as_json: bool) -> None:
+    """Flow control now: unique keys held, concurrency slots and who holds them, jobs waiting
+    for a slot, rate windows and the jobs they deferred."""
+    import time
+
+    from app.delivery import flow
+
+    client, prefix = _broker_redis()
+    state = _broker_call(lambda: flow.holdings(client, prefix))
+    now = time.time()
+    unique = [
+        {"key": u.key, "task_id": u.task_id, "ttl_seconds": round(u.ttl, 3)} for u in state.unique
+    ]
+    limits = [
+        {
+            "key": limit.key,
+            "to": limit.to,
+            "duration_seconds": limit.duration,
+            "holders": [
+                {
+                    "worker": worker or None,
+                    "task_id": task,
+                    "expires_in_seconds": round(expiry - now, 3),
+                }
+                for worker, task, expiry in limit.holders
+            ],
+            "waiting": limit.waiting,
+        }
+        for limit in state.limits
+    ]
+    rates = [{"key": r.key, "in_window": r.recent, "deferred": r.deferred} for r in state.rates]
+    if as_json:
+        click.echo(json.dumps({"unique": unique, "limits": limits, "rates": rates}))
+        return
+    click.echo(f"unique keys held: {len(unique)}")
+    if unique:
+        click.echo(_table(unique, ["key", "task_id", "ttl_seconds"]))
+    click.echo(f"concurrency limits in use: {len(limits)}")
+    if limits:
+        rows = [
+            {
+                "key": limit["key"],
+                "held": f"{len(limit['holders'])}/{limit['to']}",
+                "waiting": limit["waiting"],
+                "holders": " ".join(h["task_id"] for h in limit["holders"]),
+            }
+            for limit in limits
+        ]
+        click.echo(_table(rows, ["key", "held", "waiting", "holders"]))
+    click.echo(f"rate limits in use: {len(rates)}")
+    if rates:
+        click.echo(_table(rates, ["key", "in_window", "deferred"]))
 
 
 @main.group("scheduled")

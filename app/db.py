@@ -50,6 +50,10 @@ os.register_at_fork(after_in_child=_forget_parent_connections)
 _after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar(
     "after_commit", default=None
 )
+#: Callbacks to run if the innermost open scope rolls back (undoing what is not in it).
+_after_rollback: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "after_rollback", default=None
+)
 #: The session of the innermost open scope (what the outbox writes in).
 _open_session: ContextVar[Session | None] = ContextVar("open_session", default=None)
 
@@ -64,7 +68,9 @@ def session_scope() -> Iterator[Session]:
     get_engine()
     assert _session_factory is not None
     callbacks: list[Callable[[], None]] = []
+    undo: list[Callable[[], None]] = []
     token = _after_commit.set(callbacks)
+    undo_token = _after_rollback.set(undo)
     session = _session_factory()
     session_token = _open_session.set(session)
     try:
@@ -72,11 +78,13 @@ def session_scope() -> Iterator[Session]:
         session.commit()
     except BaseException:
         session.rollback()
+        _run_after_rollback(undo)
         raise
     finally:
         _open_session.reset(session_token)
         session.close()
         _after_commit.reset(token)
+        _after_rollback.reset(undo_token)
     _run_after_commit(callbacks)
 
 
@@ -92,6 +100,24 @@ def after_commit(callback: Callable[[], None]) -> bool:
         return False
     callbacks.append(callback)
     return True
+
+
+def after_rollback(callback: Callable[[], None]) -> bool:
+    """Run `callback` if the open scope rolls back (or its commit fails); False if none is open."""
+    callbacks = _after_rollback.get()
+    if callbacks is None:
+        return False
+    callbacks.append(callback)
+    return True
+
+
+def _run_after_rollback(callbacks: list[Callable[[], None]]) -> None:
+    # The caller gets the scope's own error; a failing undo is logged, never raised over it.
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("after-rollback callback %r failed", callback)
 
 
 def _run_after_commit(callbacks: list[Callable[[], None]]) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from app.delivery import scheduled, scripts
+from app.delivery import flow, scheduled, scripts
 from app.delivery.records import Keys, paused
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ DEFAULT_TIMEOUT = 5.0
 RECOVER_BATCH = 20
 #: How long a message's death count outlives its last death (deleted on acknowledgement).
 DEATHS_TTL = 14 * 24 * 3600
+#: Seconds between sweeps for concurrency slots whose holder vanished (and after every recovery).
+REAP_EVERY = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class Heartbeat:
         self._recover_script = self.client.register_script(scripts.RECOVER)
         self._registered: set[str] = set()
         self._healthy_since: float | None = None
+        self._reaped = 0.0
         self._failing = False
         #: Moves due jobs from the scheduled set into their queues (a thread of its own, so
         #: that its pace does not follow the heartbeat's).
@@ -201,7 +204,17 @@ class Heartbeat:
         if self._healthy_since is None:
             self._healthy_since = now
         if now - self._healthy_since >= self.timeout:
-            self.recover()
+            recovered = self.recover()
+            if recovered or now - self._reaped >= REAP_EVERY:
+                self._reaped = now
+                freed = flow.reap(self.client, self.keys, self.timeout)
+                if freed:
+                    logger.warning(
+                        "took back %d concurrency slot(s) whose holder died or ran past the "
+                        "limit's duration",
+                        freed,
+                        extra={"event": "slots_reaped", "freed": freed},
+                    )
         if not self.drain_rejected:
             return
         from app.delivery import rejected

@@ -23,6 +23,14 @@ REJECTED = NAMESPACE + "rejected"
 REJECTED_LOCK = NAMESPACE + "rejected:lock"
 SCHEDULE = NAMESPACE + "schedule"
 SCHEDULE_MESSAGES = NAMESPACE + "schedule:messages"
+#: Flow control (app.delivery.flow): a unique job's key -> its task id (with the TTL).
+UNIQUE = NAMESPACE + "unique:"  # + job name and key
+#: A concurrency limit's holders (zset `worker|task id` -> expiry) and `<that>:waiting` (list).
+LIMIT = NAMESPACE + "limit:"  # + job name and key
+#: Every concurrency limit in use (hash: holders key -> JSON [to, duration]), for recovery.
+LIMITS = NAMESPACE + "limits"
+#: A rate limit's recent admissions (zset) and `<that>:deferred` (zset task id -> when).
+RATE = NAMESPACE + "rate:"  # + job name and key
 #: A list nothing writes to: a channel whose queues are all paused waits on it.
 IDLE = NAMESPACE + "idle"
 

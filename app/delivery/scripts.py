@@ -227,7 +227,7 @@ return unowned
 #: Shared by SCHEDULE and DEFER: adds ARGV[1] (member base), due ARGV[2], header ARGV[3],
 #: message `item` to KEYS[1] (the set) and KEYS[2] (its messages). Returns the member, or ''
 #: when the same message already waits.
-_ADD = """
+ADD_SCHEDULED = """
 local function add(item)
   local member = ARGV[1]
   if member == '' then
@@ -253,7 +253,7 @@ end
 #: Puts a message into the scheduled set instead of a queue (a producer's `_put`).
 #: KEYS: schedule, schedule messages. ARGV: member base (the task id, or ''), due time,
 #: JSON header, the message.
-SCHEDULE = _ADD + "return add(ARGV[4])\n"
+SCHEDULE = ADD_SCHEDULED + "return add(ARGV[4])\n"
 
 #: Moves a delivered message that is not due yet into the scheduled set, and ends its delivery,
 #: in one step (a foreign producer's ETA message; no worker holds it until it is due).
@@ -261,7 +261,7 @@ SCHEDULE = _ADD + "return add(ARGV[4])\n"
 #: ARGV: member base, due time, JSON header, tag, held-set prefix.
 #: Returns false when the delivery's records were gone (recovered meanwhile), else the member.
 DEFER = (
-    _ADD
+    ADD_SCHEDULED
     + """
 local info = redis.call('HGET', KEYS[5], ARGV[4])
 local record = redis.call('HGET', KEYS[3], ARGV[4])

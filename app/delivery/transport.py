@@ -78,7 +78,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from app.delivery import heartbeat, scheduled, scripts
+from app.delivery import flow, heartbeat, scheduled, scripts
 from app.delivery.envelope import envelope_problem, task_problem
 from app.delivery.records import Keys
 
@@ -228,6 +228,7 @@ class Channel(kombu_redis.Channel):
         self._scripts: dict[str, Any] = {}
         self._heartbeat: heartbeat.Heartbeat | None = None
         self._noack_queues: set[str] = set()  # popped, never recorded: nothing will ack them
+        self._flow_held: dict[str, flow.Held] = {}  # tag -> concurrency slots it holds
         #: This channel's name in the heartbeat records: each consuming channel is a worker.
         self.worker = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:10]}"
         super().__init__(*args, **kwargs)
@@ -265,6 +266,8 @@ class Channel(kombu_redis.Channel):
             ],
             args=[tag, how, "1" if death else "0", keys.held(""), heartbeat.DEATHS_TTL],
         )
+        if tag in self._flow_held:
+            flow.release(self, tag)
         if not found and how == "ack":
             logger.warning(
                 "delivery %s was acknowledged after it had been taken back from this worker "
@@ -284,6 +287,8 @@ class Channel(kombu_redis.Channel):
             ],
             args=[tag, header, self.keys.held("")],
         )
+        if tag in self._flow_held:
+            flow.release(self, tag)
         logger.error(
             "message on queue %r taken out of circulation for the dead-letter store: %s",
             queue,
@@ -319,9 +324,13 @@ class Channel(kombu_redis.Channel):
             keys=[keys.schedule, keys.schedule_messages], args=list(arguments)
         )
 
+    def _list_key(self, queue: str) -> str:
+        """The Redis list the message delivered as `queue` was taken from."""
+        return self._prefixed(next((k for k, q in self._fetch_keys if q == queue), queue))
+
     def defer(self, tag: str, queue: str, payload: dict[str, Any], due: float) -> None:
         """Move the recorded delivery `tag`, due at `due`, into the scheduled set."""
-        key = self._prefixed(next((k for k, q in self._fetch_keys if q == queue), queue))
+        key = self._list_key(queue)
         keys = self.keys
         self._script(scripts.DEFER)(
             keys=[
@@ -500,6 +509,8 @@ class Channel(kombu_redis.Channel):
             if due is not None and due - self._redis_now() > float(self.schedule_after):
                 self.defer(tag, queue, payload, due)  # a foreign producer's future job
                 raise virtual.Empty()
+            if not flow.admit(self, tag, queue, self._list_key(queue), payload):
+                raise virtual.Empty()  # over a limit: it waits in the scheduled set
         properties = payload["properties"]
         properties["delivery_tag"] = tag
         info = properties.get("delivery_info") or {}

@@ -9,7 +9,9 @@ and `send_task` by name all work. The job layer adds, on Celery's own extension 
 - start/finish log lines and StatsD metrics around every execution, with around-perform hooks,
 - enqueue after commit: inside an open `session_scope`, publishing waits for the commit,
 - `perform_now`, `perform_later` and `perform_all_later` (app.delivery.bulk publishes many
-  in few round trips).
+  in few round trips),
+- flow control across workers (app.delivery.flow): `unique_for`, `limits_concurrency`,
+  `rate_limit=Rate(...)`, `expires_in`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, TypeVar
 
-from celery import Task
+import redis
+from celery import Task, states
 from celery.canvas import Signature, maybe_signature
 from celery.exceptions import (
     Ignore,
@@ -39,9 +43,12 @@ from celery.utils import uuid
 from kombu.utils import json as kombu_json
 
 from app.celery_app import celery_app
-from app.db import after_commit, open_session, session_scope
-from app.delivery import outbox
+from app.db import after_commit, after_rollback, open_session, session_scope
+from app.delivery import flow, outbox
 from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
+from app.delivery.envelope import decoded_body
+from app.delivery.flow import EXPIRES_HEADER, UNIQUE_HEADER, Limit, Rate
+from app.delivery.records import Keys
 from app.delivery.scheduled import ERROR_HEADER
 from app.jobs import instrumentation
 from app.jobs.arguments import (
@@ -56,7 +63,7 @@ from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, fi
 from app.logs import CORRELATION_HEADER, current_correlation_id
 from app.queues import ENQUEUED_AT_HEADER
 from app.services import dead_letters
-from app.settings import QUEUES
+from app.settings import QUEUES, get_endpoints, redis_client_url
 
 logger = logging.getLogger("app.jobs")
 
@@ -66,7 +73,13 @@ EXECUTIONS_HEADER = "job_executions"
 #: When the job was first enqueued (a retry keeps it; `job_enqueued_at` is each message's own).
 FIRST_ENQUEUED_HEADER = "job_first_enqueued_at"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
-CARRIED_HEADERS = (EXECUTIONS_HEADER, CORRELATION_HEADER, FIRST_ENQUEUED_HEADER)
+CARRIED_HEADERS = (
+    EXECUTIONS_HEADER,
+    CORRELATION_HEADER,
+    FIRST_ENQUEUED_HEADER,
+    UNIQUE_HEADER,
+    EXPIRES_HEADER,
+)
 
 JOB_NAME = re.compile(r"jobs\.[a-z][a-z0-9_]*")
 
@@ -138,6 +151,12 @@ class Job(Task):  # type: ignore[misc]
     #: traceback ("raised expected"), and the one ERROR line is the dead letter's, whose entry
     #: keeps the traceback (`jobs-service dead-letters show`).
     throws = (Exception,)
+    #: Flow control (see `job`): None when the job has none of it.
+    unique_for: float | None = None
+    unique_key: Callable[..., Any] | None = None
+    limits_concurrency: Limit | None = None
+    flow_rate: Rate | None = None
+    expires_in: float | None = None
 
     @cached_property
     def policies(self) -> tuple[Policy, ...]:
@@ -174,6 +193,8 @@ class Job(Task):  # type: ignore[misc]
         headers = dict(options.pop("headers", None) or {})
         headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
         headers.setdefault(FIRST_ENQUEUED_HEADER, time.time())
+        if self.expires_in is not None:  # a retry carries the first message's expiry
+            headers.setdefault(EXPIRES_HEADER, headers[ENQUEUED_AT_HEADER] + self.expires_in)
         correlation = current_correlation_id.get()
         if correlation is not None:  # a job enqueued by a job carries its correlation id
             headers.setdefault(CORRELATION_HEADER, correlation)
@@ -199,14 +220,22 @@ class Job(Task):  # type: ignore[misc]
             args, kwargs, task_id, link=link, link_error=link_error, shadow=shadow, **options
         )
 
+        retry = bool(options.get("retries"))
+        if not retry and self.unique_for is not None:
+            holder = _claim_unique(prepared, producer)
+            if holder is not None:  # the same job is queued, scheduled or running
+                return self.AsyncResult(holder)
+
         def deliver() -> None:
             _deliver([prepared], producer)
 
         # A retry is delivered at once: the scope it was raised in is rolling back.
-        if options.get("retries") or (
-            not _through_outbox([prepared], producer) and not after_commit(deliver)
-        ):
-            deliver()
+        if retry or (not _through_outbox([prepared], producer) and not after_commit(deliver)):
+            try:
+                deliver()
+            except BaseException:
+                _release_unique(prepared)
+                raise
         return self.AsyncResult(prepared.task_id)
 
     def perform_later(self, *args: Any, **kwargs: Any) -> AsyncResult:
@@ -221,6 +250,9 @@ class Job(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
+        if self.expires_in is not None and not request.is_eager and _expired(request):
+            self._skip_expired(args, kwargs)
+            return None
         execution = Execution(
             job_name=self.name,
             task_id=request.id or "",
@@ -289,6 +321,35 @@ class Job(Task):  # type: ignore[misc]
             error.job_executions = counts  # type: ignore[attr-defined]  # this one included
         instrumentation.finished(execution, "failure", error)
         raise error
+
+    def _skip_expired(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        request = self.request
+        expired_at = float(_header(request, EXPIRES_HEADER))
+        logger.warning(
+            "job expired %s[%s]: still queued %.1f s after its expires_in (%g s) ran out; "
+            "skipped args=%s",
+            self.name,
+            request.id,
+            time.time() - expired_at,
+            self.expires_in,
+            redacted_arguments(self.run, args, kwargs, self.sensitive_names),
+            extra={"job": self.name, "task_id": request.id, "event": "expired"},
+        )
+        client = instrumentation.metrics()
+        client.incr(f"jobs.{self.name.removeprefix('jobs.')}.expired")
+        client.incr("jobs.flow.expired")
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Celery's hook after a run that succeeded or failed for good (not a retry): the job's
+        unique key, if it holds one, is released."""
+        request = self.request
+        if request.is_eager or status not in (states.SUCCESS, states.FAILURE):
+            return
+        key = _header(request, UNIQUE_HEADER)
+        if isinstance(key, str) and request.id:
+            _release_unique_key(key, request.id)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -388,6 +449,110 @@ def _store_dead_letter(job: Job, failure: dead_letters.Failure) -> None:
     )
 
 
+def _expired(request: Any) -> bool:
+    try:
+        return time.time() > float(_header(request, EXPIRES_HEADER))
+    except (TypeError, ValueError):  # absent, or not a time (a foreign producer): it runs
+        return False
+
+
+# Flow control ----------------------------------------------------------------------------------
+
+_store: tuple[int, tuple[redis.Redis, Keys] | None] | None = None
+
+
+def _flow_store(producer: Any = None) -> tuple[redis.Redis, Keys] | None:
+    """The Redis (and key prefix) that holds flow control: the producer's broker when it is
+    this service's transport, else the configured broker; None when that is not Redis."""
+    channel = getattr(producer, "channel", None)
+    if channel is not None and isinstance(getattr(channel, "keys", None), Keys):
+        return channel.plain_client, channel.keys
+    global _store
+    if _store is None or _store[0] != os.getpid():
+        url = redis_client_url(get_endpoints().broker_url)
+        options = celery_app.conf.broker_transport_options or {}
+        prefix = str(options.get("global_keyprefix") or "")
+        _store = (os.getpid(), (redis.Redis.from_url(url), Keys(prefix)) if url else None)
+    return _store[1]
+
+
+def _claim_unique(prepared: Prepared, producer: Any = None) -> str | None:
+    """Claim the job's unique key for this call; the holder's task id if another job has it."""
+    job = prepared.job
+    assert job.unique_for is not None
+    part = flow.key_part(job.name, job.unique_key, prepared.args, prepared.kwargs)
+    if part is None or capture is not None:
+        return None
+    store = _flow_store(producer)
+    if store is None:
+        logger.warning("%s: unique_for needs a Redis broker; enqueued without it", job.name)
+        return None
+    client, keys = store
+    key = keys.unique + part
+    holder = flow.claim_unique(client, key, prepared.task_id, job.unique_for)
+    if holder != prepared.task_id:
+        logger.info(
+            "job not enqueued %s: job %s with the same unique key (%s) is queued, scheduled "
+            "or running",
+            job.name,
+            holder,
+            part,
+            extra={"job": job.name, "task_id": holder, "event": "unique_refused"},
+        )
+        metrics = instrumentation.metrics()
+        metrics.incr(f"jobs.{job.name.removeprefix('jobs.')}.refused")
+        metrics.incr("jobs.flow.refused")
+        return holder
+    prepared.options["headers"][UNIQUE_HEADER] = key
+    task_id = prepared.task_id
+
+    def undo() -> None:  # the transaction that enqueued it rolled back: no job, no key
+        flow.release_unique(client, key, task_id)
+
+    after_rollback(undo)
+    return None
+
+
+def _release_unique(prepared: Prepared) -> None:
+    key = prepared.options.get("headers", {}).get(UNIQUE_HEADER)
+    if key:
+        _release_unique_key(key, prepared.task_id)
+
+
+def _release_unique_key(key: str, task_id: str) -> None:
+    store = _flow_store()
+    if store is None:
+        return
+    try:
+        flow.release_unique(store[0], key, task_id)
+    except redis.RedisError:  # the key's TTL releases it
+        logger.warning("could not release unique key %s of %s", key, task_id, exc_info=True)
+
+
+def _admission(payload: Mapping[str, Any], keys: Keys) -> tuple[str, list[flow.Control]] | None:
+    """flow.admission: the limits a delivered message is under (the worker's main process)."""
+    headers = payload.get("headers") or {}
+    name = headers.get("task")
+    body = None
+    if not isinstance(name, str):  # protocol 1 names the task in the body
+        body = decoded_body(payload)
+        name = body.get("task") if isinstance(body, dict) else None
+    job = celery_app.tasks.get(name) if isinstance(name, str) else None
+    if not isinstance(job, Job) or (job.limits_concurrency is None and job.flow_rate is None):
+        return None
+    body = decoded_body(payload) if body is None else body
+    if isinstance(body, dict):
+        args, kwargs, task_id = body.get("args") or (), body.get("kwargs") or {}, body.get("id")
+    else:
+        args, kwargs, task_id = body[0], body[1], headers.get("id")
+    limit, rate = job.limits_concurrency, job.flow_rate
+    controls = flow.controls_for(job.name, limit, rate, keys, args, kwargs)
+    return (str(task_id), controls) if controls else None
+
+
+flow.admission = _admission
+
+
 def _publish(prepared: Prepared, producer: Any = None, **extra: Any) -> AsyncResult:
     return Task.apply_async(
         prepared.job,
@@ -451,13 +616,28 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
             raise TypeError(f"perform_all_later takes job signatures, got {signature!r}")
         options = {"ignore_result": True, **signature.options}
         prepared.append(job.prepare(signature.args, signature.kwargs, **options))
+    ids = [p.task_id for p in prepared]
+    if any(p.job.unique_for is not None for p in prepared):
+        claimed = []
+        for index, item in enumerate(prepared):
+            holder = _claim_unique(item) if item.job.unique_for is not None else None
+            if holder is None:
+                claimed.append(item)
+            else:
+                ids[index] = holder
+        prepared = claimed
 
     def deliver() -> None:
         _deliver(prepared)
 
-    if not _through_outbox(prepared) and not after_commit(deliver):
-        deliver()
-    return [p.job.AsyncResult(p.task_id) for p in prepared]
+    if prepared and not _through_outbox(prepared) and not after_commit(deliver):
+        try:
+            deliver()
+        except BaseException:
+            for item in prepared:
+                _release_unique(item)
+            raise
+    return [celery_app.AsyncResult(task_id) for task_id in ids]
 
 
 def _through_outbox(prepared: Sequence[Prepared], producer: Any = None) -> bool:
@@ -566,9 +746,20 @@ def job(
     discard_on: Sequence[DiscardOn] = (),
     redact: Sequence[str] = (),
     around_perform: Sequence[AroundPerform] = (),
+    unique_for: float | None = None,
+    unique_key: Callable[..., Any] | None = None,
+    limits_concurrency: Limit | None = None,
+    rate_limit: Rate | str | None = None,
+    expires_in: float | None = None,
     **task_options: Any,
 ) -> Callable[[F], Job]:
-    """Declare a function as a job registered under the stable name `jobs.<snake_case>`."""
+    """Declare a function as a job registered under the stable name `jobs.<snake_case>`.
+
+    Flow control, across every worker (app.delivery.flow; needs a Redis broker):
+    `unique_for=seconds` (with `unique_key=callable(*args, **kwargs)`, else one per job name),
+    `limits_concurrency=Limit(to, key, duration)`, `rate_limit=Rate(limit, per, key)` (a string
+    such as "10/m" is Celery's own per-worker limit), `expires_in=seconds`.
+    """
     if not JOB_NAME.fullmatch(name):
         raise JobDeclarationError(f"job names are jobs.<snake_case>, got {name!r}")
     if not callable(queue_as) and queue_as not in QUEUES:
@@ -585,6 +776,9 @@ def job(
             f"{name}: soft_time_limit ({soft}) must be below time_limit "
             f"({hard}), or the soft limit can never fire"
         )
+    _check_flow(name, unique_for, unique_key, limits_concurrency, rate_limit, expires_in)
+    if isinstance(rate_limit, str):  # Celery's own, per worker
+        task_options["rate_limit"] = rate_limit
     # A function stored on a class would be bound as a method: keep the chooser unbound.
     chooser = staticmethod(queue_as) if callable(queue_as) else queue_as
 
@@ -597,8 +791,36 @@ def job(
             discard_on=tuple(discard_on),
             redact=tuple(redact),
             around_perform=tuple(around_perform),
+            unique_for=unique_for,
+            unique_key=staticmethod(unique_key) if unique_key is not None else None,
+            limits_concurrency=limits_concurrency,
+            flow_rate=rate_limit if isinstance(rate_limit, Rate) else None,
+            expires_in=expires_in,
             **task_options,
         )(func)
         return task  # type: ignore[no-any-return]
 
     return declare
+
+
+def _check_flow(
+    name: str,
+    unique_for: Any,
+    unique_key: Any,
+    limit: Any,
+    rate: Any,
+    expires_in: Any,
+) -> None:
+    for label, value in (("unique_for", unique_for), ("expires_in", expires_in)):
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e9
+        ):
+            raise JobDeclarationError(f"{name}: {label} must be positive seconds, got {value!r}")
+    if unique_key is not None and not callable(unique_key):
+        raise JobDeclarationError(f"{name}: unique_key must be a callable, got {unique_key!r}")
+    if unique_key is not None and unique_for is None:
+        raise JobDeclarationError(f"{name}: unique_key needs unique_for (how long the key holds)")
+    if limit is not None and not isinstance(limit, Limit):
+        raise JobDeclarationError(f"{name}: limits_concurrency must be a Limit, got {limit!r}")
+    if rate is not None and not isinstance(rate, Rate | str):
+        raise JobDeclarationError(f"{name}: rate_limit must be a Rate (or Celery's string)")

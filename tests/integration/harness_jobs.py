@@ -10,6 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app import celery
 from app.db import session_scope
+from app.delivery.flow import Limit, Rate
 from app.jobs.base import EXECUTIONS_HEADER, job
 from app.jobs.policies import RetryOn
 from app.models import Product
@@ -189,3 +190,64 @@ def retry_once(self: Any, token: str) -> None:
 def always_fails(token: str) -> None:
     """Fail every time: retried twice, 2 s apart, then dead-lettered."""
     raise NotYet(f"{token}: never")
+
+
+# Flow control (tests/integration/test_flow_control.py) -------------------------------------
+
+#: Where the flow-control jobs append {token, group, start, end, admitted, id, pid}.
+FLOW_KEY = "test:flow"
+#: The task id of every run that started (a killed run records its start and no end).
+FLOW_STARTED_KEY = "test:flow:started"
+
+
+def _record_span(token: str, group: str, request: Any, seconds: float) -> None:
+    import json
+    import os
+
+    start = time.time()
+    _broker_client().rpush(FLOW_STARTED_KEY, request.id)
+    time.sleep(seconds)
+    entry = {
+        "token": token,
+        "group": group,
+        "start": start,
+        "end": time.time(),
+        "admitted": getattr(request, "job_admitted_at", None),
+        "id": request.id,
+        "attempt": request.retries + 1,
+        "pid": os.getpid(),
+    }
+    _broker_client().rpush(FLOW_KEY, json.dumps(entry))
+
+
+@job(
+    "jobs.test_limited",
+    limits_concurrency=Limit(to=2, key=lambda token, group, seconds: group, duration=120),
+)
+def limited(token: str, group: str, seconds: float) -> None:
+    """At most two per group at once; records when it ran."""
+    _record_span(token, group, limited.request, seconds)
+
+
+@job("jobs.test_rated", rate_limit=Rate(5, per=1.0, key=lambda token, group: group))
+def rated(token: str, group: str) -> None:
+    """At most five per group start in any second; records when it was admitted and ran."""
+    _record_span(token, group, rated.request, 0)
+
+
+@job("jobs.test_unique", unique_for=120, unique_key=lambda token, seconds: token)
+def unique(token: str, seconds: float) -> None:
+    """One per token queued, scheduled or running at once."""
+    _record_span(token, "unique", unique.request, seconds)
+
+
+@job("jobs.test_expiring", expires_in=2)
+def expiring(token: str) -> None:
+    """Skipped when still queued 2 s after it was enqueued."""
+    _record_span(token, "expiring", expiring.request, 0)
+
+
+@job("jobs.test_serial", limits_concurrency=Limit(to=1, duration=120))
+def serial(token: str, seconds: float) -> None:
+    """One at a time across every worker; records when it ran."""
+    _record_span(token, "serial", serial.request, seconds)

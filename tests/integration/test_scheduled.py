@@ -77,8 +77,10 @@ def job_producer(broker: str) -> Iterator[Any]:
 
 
 @contextmanager
-def workers(env: dict[str, str], tmp_path: Path, count: int) -> Iterator[list[CrashingWorker]]:
-    started = [CrashingWorker(env, tmp_path / f"worker-{i}.log") for i in range(count)]
+def workers(
+    env: dict[str, str], tmp_path: Path, count: int, concurrency: int = 2
+) -> Iterator[list[CrashingWorker]]:
+    started = [CrashingWorker(env, tmp_path / f"worker-{i}.log", concurrency) for i in range(count)]
     try:
         for worker in started:
             worker.start()

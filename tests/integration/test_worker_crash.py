@@ -62,8 +62,8 @@ HOT_CHANGES, ORDERS, PAYMENTS, EMAILS = 2710, 60, 80, 150
 class CrashingWorker:
     """A worker process group that can be killed outright and started again."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
+    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 2) -> None:
+        self.env, self.log, self.concurrency = env, log, concurrency
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -80,7 +80,7 @@ class CrashingWorker:
                     *HARNESS_WORKER,
                     *ALL_QUEUES,
                     "--concurrency",
-                    "2",
+                    str(self.concurrency),
                     "--hostname",
                     f"crash-{self.starts}@%h",
                 ],
