@@ -390,27 +390,17 @@ def admit(channel: Channel, tag: str, queue: str, key: str, payload: dict[str, A
     if not found:
         return True
     task_id, controls = found
-    keys = channel.keys
-    reply = channel._script(ADMIT)(
-        keys=[
-            keys.schedule,
-            keys.schedule_messages,
-            channel._prefixed(channel.unacked_key),
-            channel._prefixed(channel.unacked_index_key),
-            keys.inflight,
-            keys.workers,
-            keys.limits,
-        ],
-        args=[
+    try:
+        reply = _run_admit(channel, tag, queue, key, payload, task_id, controls)
+    except redis.ResponseError as exc:
+        # Redis refused the step (a full `noeviction` server) after it handed the message
+        # out: delivering it without its limits beats stranding it in this worker's records.
+        logger.error(
+            "Redis refused the flow-control step for %s (%s); it runs without its limits",
             task_id,
-            scheduled.entry_header(queue, key, payload),
-            tag,
-            keys.held(""),
-            channel.worker,
-            channel.heartbeat_timeout,
-            json.dumps([c.encoded() for c in controls]),
-        ],
-    )
+            exc,
+        )
+        return True
     outcome = int(reply[0])
     if outcome == 1:
         payload.setdefault("headers", {})[ADMITTED_HEADER] = float(reply[1])
@@ -432,6 +422,38 @@ def admit(channel: Channel, tag: str, queue: str, key: str, payload: dict[str, A
         )
         _count(f"jobs.flow.deferred.{why}")
     return False
+
+
+def _run_admit(
+    channel: Channel,
+    tag: str,
+    queue: str,
+    key: str,
+    payload: dict[str, Any],
+    task_id: str,
+    controls: list[Control],
+) -> Any:
+    keys = channel.keys
+    return channel._script(ADMIT)(
+        keys=[
+            keys.schedule,
+            keys.schedule_messages,
+            channel._prefixed(channel.unacked_key),
+            channel._prefixed(channel.unacked_index_key),
+            keys.inflight,
+            keys.workers,
+            keys.limits,
+        ],
+        args=[
+            task_id,
+            scheduled.entry_header(queue, key, payload),
+            tag,
+            keys.held(""),
+            channel.worker,
+            channel.heartbeat_timeout,
+            json.dumps([c.encoded() for c in controls]),
+        ],
+    )
 
 
 def release(channel: Channel, tag: str) -> None:

@@ -89,6 +89,20 @@ def _storable_json(value: object) -> bool:
     return "\\u0000" not in text
 
 
+def _release_unique(client: redis.Redis, entry: bytes) -> None:
+    """A dead job no longer holds its unique key (app.delivery.flow)."""
+    from app.delivery import flow
+
+    try:
+        message = json.loads(entry.partition(b"\n")[2])
+        headers = message.get("headers") or {}
+        key, task_id = headers.get(flow.UNIQUE_HEADER), headers.get("id")
+    except (ValueError, AttributeError, RecursionError):
+        return
+    if isinstance(key, str) and isinstance(task_id, str):
+        flow.release_unique(client, key, task_id)
+
+
 def drain(client: redis.Redis, keys: Keys, worker: str, limit: int = DRAIN_BATCH) -> int:
     """Write the oldest rejected messages to the dead-letter store; return how many."""
     if not client.llen(keys.rejected):
@@ -105,6 +119,8 @@ def drain(client: redis.Redis, keys: Keys, worker: str, limit: int = DRAIN_BATCH
         with session_scope() as session:
             ids = [dead_letters.record(session, failure) for failure in failures]
         client.rpop(keys.rejected, len(entries))  # only the lock holder removes from this end
+        for entry in entries:
+            _release_unique(client, bytes(entry))
         for entry_id, failure in zip(ids, failures, strict=True):
             logger.error(
                 "message dead-lettered as #%d (%s) from queue %s: %s",

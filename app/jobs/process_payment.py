@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
+from urllib.parse import urlsplit
 
 from app.db import session_scope
+from app.delivery.flow import Rate
 from app.jobs.arguments import RowId
 from app.jobs.base import Job, job
 from app.jobs.common import DATABASE_UNAVAILABLE
@@ -23,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a charge request may take; past it the outcome is unknown and the job retries.
 GATEWAY_TIMEOUT = 10.0
+#: Charges started per second per gateway, across every worker (a gateway's own API limit);
+#: a payment over it waits in the scheduled set, without using up an attempt.
+GATEWAY_RATE = 20
+
+
+def _gateway_key(payment_id: Any = None, **_: Any) -> str:
+    """The rate limit's key: the gateway's host and port."""
+    return urlsplit(get_settings().payment_gateway_url).netloc
 
 
 def gateway() -> PaymentGatewayClient:
@@ -39,6 +50,7 @@ def _card_expired(job: Job, error: BaseException) -> None:
 @job(
     "jobs.process_payment",
     queue_as="urgent",
+    rate_limit=Rate(GATEWAY_RATE, per=1.0, key=_gateway_key),
     retry_on=[
         RetryOn(GatewayTimeout, GatewayUnavailable, wait="polynomial", attempts=5),
         RetryOn(payments.PaymentNotFound, wait=5, attempts=3),

@@ -28,6 +28,21 @@ def smtp_transport(message: EmailMessage) -> None:
     mailer.send(message, host=settings.smtp_host, port=settings.smtp_port, timeout=SMTP_TIMEOUT)
 
 
+def _unique_per_order(
+    user_id: Any = None,
+    email_type: Any = None,
+    idempotency_key: Any = None,
+    context: Any = None,
+) -> str | None:
+    """An order confirmation is enqueued once per order while one is queued, waiting or being
+    sent (process_order enqueues it on every delivery that finds the order processed); other
+    emails are not unique."""
+    if email_type == "order_confirmation" and isinstance(context, dict):
+        order_id = context.get("order_id")
+        return None if order_id is None else f"order:{order_id}"
+    return None
+
+
 def _log_undeliverable(job: Job, error: BaseException) -> None:
     logger.error("email not delivered (%s[%s]): %s", job.name, job.request.id, error)
 
@@ -35,6 +50,8 @@ def _log_undeliverable(job: Job, error: BaseException) -> None:
 @job(
     "jobs.send_email",
     bind=True,
+    unique_for=3600,
+    unique_key=_unique_per_order,
     retry_on=[
         # 4xx replies and dropped connections: polynomially longer, 5 attempts.
         RetryOn(mailer.TransientMailError, wait="polynomial", attempts=5),

@@ -195,7 +195,8 @@ def quiesce_worker(timeout: float = 60.0) -> None:
 
 
 def clear_scheduled(broker_url: str) -> None:
-    """Delete every job waiting in the scheduled set of `broker_url` (a Redis broker)."""
+    """Delete every job waiting in the scheduled set of `broker_url` (a Redis broker), and
+    the flow-control records of jobs that were purged."""
     import redis
 
     from app.delivery.records import Keys
@@ -204,7 +205,13 @@ def clear_scheduled(broker_url: str) -> None:
     client_url = redis_client_url(broker_url)
     if client_url is not None:
         keys = Keys()
-        redis.Redis.from_url(client_url).delete(keys.schedule, keys.schedule_messages)
+        client = redis.Redis.from_url(client_url)
+        client.delete(keys.schedule, keys.schedule_messages, keys.limits)
+        # Flow control held by jobs that will now never run (their unique keys, their slots).
+        for pattern in (keys.unique, keys.limit, keys.rate):
+            stale = list(client.scan_iter(match=pattern + "*"))
+            if stale:
+                client.delete(*stale)
 
 
 @pytest.fixture
