@@ -198,17 +198,18 @@ end
 
 -- Takes back slots whose time ran out or whose worker's heartbeat lapsed, then hands over.
 local function reap(slots, to, span, now, workers, timeout)
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  local freed = redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   for _, member in ipairs(redis.call('ZRANGE', slots, 0, -1)) do
     local cut = string.find(member, '|', 1, true)
     if cut and cut > 1 then
       local beat = redis.call('ZSCORE', workers, string.sub(member, 1, cut - 1))
       if (not beat) or tonumber(beat) < now - timeout then
-        redis.call('ZREM', slots, member)
+        freed = freed + redis.call('ZREM', slots, member)
       end
     end
   end
   handover(slots, to, span, now)
+  return freed
 end
 
 local function forget_if_idle(slots, registry)
@@ -349,11 +350,7 @@ local all = redis.call('HGETALL', KEYS[4])
 for i = 1, #all, 2 do
   local key = all[i]
   local c = cjson.decode(all[i + 1])
-  local before = redis.call('ZCARD', key)
-  reap(key, tonumber(c[1]), tonumber(c[2]), now, KEYS[3], tonumber(ARGV[1]))
-  if before > redis.call('ZCARD', key) then
-    freed = freed + before - redis.call('ZCARD', key)
-  end
+  freed = freed + reap(key, tonumber(c[1]), tonumber(c[2]), now, KEYS[3], tonumber(ARGV[1]))
   forget_if_idle(key, KEYS[4])
 end
 return freed

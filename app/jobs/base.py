@@ -250,7 +250,7 @@ class Job(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if self.expires_in is not None and not request.is_eager and _expired(request):
+        if self.expires_in is not None and not request.is_eager and _expired(self, request):
             self._skip_expired(args, kwargs)
             return None
         execution = Execution(
@@ -324,7 +324,7 @@ class Job(Task):  # type: ignore[misc]
 
     def _skip_expired(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         request = self.request
-        expired_at = float(_header(request, EXPIRES_HEADER))
+        expired_at = _expiry(self, request) or 0.0
         logger.warning(
             "job expired %s[%s]: still queued %.1f s after its expires_in (%g s) ran out; "
             "skipped args=%s",
@@ -449,11 +449,19 @@ def _store_dead_letter(job: Job, failure: dead_letters.Failure) -> None:
     )
 
 
-def _expired(request: Any) -> bool:
-    try:
-        return time.time() > float(_header(request, EXPIRES_HEADER))
-    except (TypeError, ValueError):  # absent, or not a time (a foreign producer): it runs
-        return False
+def _expiry(job: Job, request: Any) -> float | None:
+    """When the job expires: its header, else (a producer that is not the job layer) its
+    enqueue time if it gave one; None when neither is a time."""
+    for name, offset in ((EXPIRES_HEADER, 0.0), (ENQUEUED_AT_HEADER, job.expires_in or 0.0)):
+        value = _header(request, name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value) + offset
+    return None
+
+
+def _expired(job: Job, request: Any) -> bool:
+    expiry = _expiry(job, request)
+    return expiry is not None and time.time() > expiry
 
 
 # Flow control ----------------------------------------------------------------------------------

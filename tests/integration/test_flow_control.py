@@ -222,3 +222,32 @@ def test_a_job_still_queued_after_expires_in_is_skipped_logged_and_counted(
         wait_until(lambda: client.llen(FLOW_KEY) >= 1, timeout=30)
         wait_until(lambda: f"job expired jobs.test_expiring[{stale}]" in worker.log.read_text())
     assert [e["id"] for e in spans(client)] == [fresh]
+
+
+def test_two_runs_of_one_import_wait_for_each_other_instead_of_retrying_on_the_row_lock(
+    services: Services, tmp_path: Path
+) -> None:
+    """import_data is limited to one run per import: the second waits for the slot (in the
+    scheduled set) and finds the import done, where it used to hit the NOWAIT lock and retry."""
+    from app.jobs import import_data
+    from app.models import Import
+    from tests.integration.factories import reload
+    from tests.integration.test_job_import_data import new_import
+
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    source = tmp_path / "big.csv"
+    rows = "".join(f"SKU-{i},Item {i},1.00,{i % 50}\n" for i in range(40_000))
+    source.write_text("sku,name,price,inventory\n" + rows)
+    import_id = new_import(str(source))
+    with workers(worker_env(services, broker), tmp_path, 2, concurrency=4) as started:
+        with job_producer(broker) as producer:
+            for _ in range(2):
+                import_data.apply_async([import_id], producer=producer)
+        wait_until(lambda: reload(Import, import_id).status == "completed", timeout=120)
+        logs = lambda: "".join(w.log.read_text() for w in started)  # noqa: E731
+        wait_until(lambda: logs().count("job finished jobs.import_data") == 2, timeout=60)
+    text = logs()
+    assert "deferred by its concurrency limit" in text
+    assert "ImportInProgress" not in text
+    assert reload(Import, import_id).rows_imported == 40_000
