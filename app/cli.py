@@ -11,6 +11,7 @@
     jobs-service scheduled list|show|run-now|delete   jobs waiting in Redis for their time
     jobs-service retries list                         jobs waiting to be tried again
     jobs-service flow                        unique keys, concurrency slots, rate windows
+    jobs-service batches list|show           batches of jobs: progress and callbacks
 
 Output is a readable table by default and JSON with `--json`. Arguments holding personal or
 payment data are redacted in every listing.
@@ -691,6 +692,77 @@ def flow_command(as_json: bool) -> None:
     click.echo(f"rate limits in use: {len(rates)}")
     if rates:
         click.echo(_table(rates, ["key", "in_window", "deferred"]))
+
+
+@main.group("batches")
+def batches_group() -> None:
+    """Batches of jobs with callbacks: progress and callbacks."""
+
+
+def _batch_dict(progress: Any) -> dict[str, Any]:
+    def when(value: Any) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "id": progress.id,
+        "parent_id": progress.parent_id,
+        "description": progress.description,
+        "total": progress.total,
+        "pending": progress.pending,
+        "failed": progress.failed,
+        "dead": progress.dead,
+        "created_at": when(progress.created_at),
+        "completed_at": when(progress.completed_at),
+        "succeeded_at": when(progress.succeeded_at),
+        "died_at": when(progress.died_at),
+        "callbacks": progress.callbacks,
+    }
+
+
+@batches_group.command("list")
+@click.option("--limit", default=20, show_default=True, help="How many of the newest.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def batches_list(limit: int, as_json: bool) -> None:
+    """The newest batches with their progress."""
+    from app.jobs import batches
+
+    if limit < 0:
+        _fail(f"--limit must be 0 or more, got {limit}")
+    rows = [_batch_dict(p) for p in batches.recent(limit)]
+    if as_json:
+        click.echo(json.dumps({"batches": rows}))
+        return
+    if not rows:
+        click.echo("no batches")
+        return
+    for row in rows:
+        row["state"] = (
+            "succeeded" if row["succeeded_at"] else "complete" if row["completed_at"] else "running"
+        )
+    click.echo(
+        _table(
+            rows, ["id", "parent_id", "description", "total", "pending", "failed", "dead", "state"]
+        )
+    )
+
+
+@batches_group.command("show")
+@click.argument("batch_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def batches_show(batch_id: int, as_json: bool) -> None:
+    """One batch: its counts, and when each callback was enqueued."""
+    from app.jobs import batches
+
+    try:
+        progress = batches.progress(batch_id)
+    except batches.BatchError as exc:
+        _fail(str(exc))
+    row = _batch_dict(progress)
+    if as_json:
+        click.echo(json.dumps(row))
+        return
+    for name, value in row.items():
+        click.echo(f"{name}: {value}")
 
 
 @main.group("scheduled")

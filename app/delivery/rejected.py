@@ -89,18 +89,29 @@ def _storable_json(value: object) -> bool:
     return "\\u0000" not in text
 
 
-def _release_unique(client: redis.Redis, entry: bytes) -> None:
-    """A dead job no longer holds its unique key (app.delivery.flow)."""
+def _settle_controls(client: redis.Redis, entry: bytes) -> None:
+    """A dead job no longer holds its unique key (app.delivery.flow), and counts as dead in
+    its batch (app.jobs.batches)."""
     from app.delivery import flow
 
     try:
         message = json.loads(entry.partition(b"\n")[2])
         headers = message.get("headers") or {}
         key, task_id = headers.get(flow.UNIQUE_HEADER), headers.get("id")
+        batch = headers.get("job_batch")
     except (ValueError, AttributeError, RecursionError):
         return
-    if isinstance(key, str) and isinstance(task_id, str):
+    if not isinstance(task_id, str):
+        return
+    if isinstance(key, str):
         flow.release_unique(client, key, task_id)
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        from app.jobs import batches
+
+        try:
+            batches.job_finished(batch, task_id, dead=True)
+        except Exception:
+            logger.exception("could not count job %s as dead in batch %d", task_id, batch)
 
 
 def drain(client: redis.Redis, keys: Keys, worker: str, limit: int = DRAIN_BATCH) -> int:
@@ -120,7 +131,7 @@ def drain(client: redis.Redis, keys: Keys, worker: str, limit: int = DRAIN_BATCH
             ids = [dead_letters.record(session, failure) for failure in failures]
         client.rpop(keys.rejected, len(entries))  # only the lock holder removes from this end
         for entry in entries:
-            _release_unique(client, bytes(entry))
+            _settle_controls(client, bytes(entry))
         for entry_id, failure in zip(ids, failures, strict=True):
             logger.error(
                 "message dead-lettered as #%d (%s) from queue %s: %s",

@@ -73,12 +73,15 @@ EXECUTIONS_HEADER = "job_executions"
 #: When the job was first enqueued (a retry keeps it; `job_enqueued_at` is each message's own).
 FIRST_ENQUEUED_HEADER = "job_first_enqueued_at"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
+#: The batch a job belongs to (app.jobs.batches).
+BATCH_HEADER = "job_batch"
 CARRIED_HEADERS = (
     EXECUTIONS_HEADER,
     CORRELATION_HEADER,
     FIRST_ENQUEUED_HEADER,
     UNIQUE_HEADER,
     EXPIRES_HEADER,
+    BATCH_HEADER,
 )
 
 JOB_NAME = re.compile(r"jobs\.[a-z][a-z0-9_]*")
@@ -225,6 +228,8 @@ class Job(Task):  # type: ignore[misc]
             holder = _claim_unique(prepared, producer)
             if holder is not None:  # the same job is queued, scheduled or running
                 return self.AsyncResult(holder)
+        if not retry and _batch_collects([prepared]):  # published when its jobs() block ends
+            return self.AsyncResult(prepared.task_id)
 
         def deliver() -> None:
             _deliver([prepared], producer)
@@ -250,8 +255,10 @@ class Job(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
+        batch = _batch_of(request)
         if self.expires_in is not None and not request.is_eager and _expired(self, request):
             self._skip_expired(args, kwargs)
+            _batch_member_done(batch, request)
             return None
         execution = Execution(
             job_name=self.name,
@@ -262,6 +269,7 @@ class Job(Task):  # type: ignore[misc]
             enqueued_at=_header(request, ENQUEUED_AT_HEADER),
         )
         instrumentation.started(execution)
+        batch_token = _batches().current_batch.set(batch)
         try:
             with ExitStack() as hooks:
                 for hook in self.around_perform:
@@ -269,6 +277,9 @@ class Job(Task):  # type: ignore[misc]
                 check_size(args, kwargs)
                 bind_arguments(self.run, args, kwargs)
                 result = super().__call__(*args, **kwargs)
+            # Counted in its batch before the message is acknowledged; a database error here
+            # retries the job (idempotent), so the count is never lost.
+            _batch_member_done(batch, request)
         except (Retry, Ignore, Reject) as control:  # the body steered Celery itself
             instrumentation.finished(
                 execution, "retry" if isinstance(control, Retry) else "discard"
@@ -276,6 +287,8 @@ class Job(Task):  # type: ignore[misc]
             raise
         except Exception as error:
             return self._rescue(error, execution, args, kwargs)
+        finally:
+            _batches().current_batch.reset(batch_token)
         instrumentation.finished(execution, "success")
         return result
 
@@ -290,6 +303,7 @@ class Job(Task):  # type: ignore[misc]
                 except Exception:
                     logger.exception("discard callback of %s failed", self.name)
             instrumentation.finished(execution, "discard", error)
+            _batch_member_done(_batch_of(self.request), self.request)
             return None
         if isinstance(policy, RetryOn):
             request = self.request
@@ -299,6 +313,7 @@ class Job(Task):  # type: ignore[misc]
             if executions < policy.attempts:
                 wait = policy.wait_seconds(executions)
                 instrumentation.finished(execution, "retry", error)
+                _batch_member_failed(_batch_of(request), request)
                 headers = {
                     name: value
                     for name in CARRIED_HEADERS
@@ -389,6 +404,8 @@ class Job(Task):  # type: ignore[misc]
             enqueued_at=dt.datetime.fromtimestamp(enqueued_at, dt.UTC) if enqueued_at else None,
         )
         _store_dead_letter(self, failure)
+        if current:
+            _batch_member_done(_batch_of(request), request, dead=True, raising=False)
 
     def exhausted(
         self, error: Exception, execution: Execution, policy: RetryOn, executions: int
@@ -610,6 +627,59 @@ def route_by_queue_as(
     return {"queue": job.queue_for(args or (), kwargs or {})}
 
 
+# Batches (app.jobs.batches) -------------------------------------------------------------------
+
+
+def _batches() -> Any:
+    from app.jobs import batches
+
+    return batches
+
+
+def _batch_collects(prepared: Sequence[Prepared]) -> bool:
+    return bool(_batches().collecting(prepared))
+
+
+def _batch_of(request: Any) -> int | None:
+    value = _header(request, BATCH_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and not request.is_eager:
+        return value
+    return None
+
+
+def _batch_member_done(
+    batch: int | None, request: Any, dead: bool = False, raising: bool = True
+) -> None:
+    if batch is None or not request.id:
+        return
+    try:
+        _batches().job_finished(batch, request.id, dead=dead)
+    except Exception:
+        if raising:
+            raise
+        logger.exception("could not count job %s as dead in batch %d", request.id, batch)
+
+
+def _batch_member_failed(batch: int | None, request: Any) -> None:
+    if batch is None or not request.id:
+        return
+    try:
+        _batches().job_failed(batch, request.id)
+    except Exception:  # only the `failed` figure: the retry goes ahead
+        logger.warning("could not count a failure of %s in batch %d", request.id, batch)
+
+
+def enqueue_prepared(prepared: Sequence[Prepared], producer: Any = None) -> None:
+    """Enqueue checked jobs under the enqueue-after-commit contract: through the outbox inside
+    an open `session_scope`, after its commit while a test captures, else at once."""
+
+    def deliver() -> None:
+        _deliver(prepared, producer)
+
+    if not _through_outbox(prepared, producer) and not after_commit(deliver):
+        deliver()
+
+
 def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
     """Enqueue many jobs with few broker round trips (ActiveJob 7.1, Sidekiq's push_bulk).
 
@@ -634,6 +704,8 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
             else:
                 ids[index] = holder
         prepared = claimed
+    if prepared and _batch_collects(prepared):
+        return [celery_app.AsyncResult(task_id) for task_id in ids]
 
     def deliver() -> None:
         _deliver(prepared)

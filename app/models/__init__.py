@@ -6,6 +6,7 @@ from app.models.data_import import Import
 from app.models.dataset import Dataset, Record
 from app.models.dead_letter import DeadLetter
 from app.models.email_delivery import EmailDelivery
+from app.models.job_batch import JobBatch, JobBatchJob
 from app.models.order import Order, OrderItem
 from app.models.outbox import OutboxMessage
 from app.models.payment import Payment
@@ -22,6 +23,8 @@ __all__ = [
     "EmailDelivery",
     "Import",
     "InventoryAudit",
+    "JobBatch",
+    "JobBatchJob",
     "Order",
     "OrderItem",
     "OutboxMessage",

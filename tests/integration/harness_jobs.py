@@ -251,3 +251,61 @@ def expiring(token: str) -> None:
 def serial(token: str, seconds: float) -> None:
     """One at a time across every worker; records when it ran."""
     _record_span(token, "serial", serial.request, seconds)
+
+
+# Batches (tests/integration/test_batches.py) ---------------------------------------------
+
+#: Where `batch_callback` appends {label, batch, event, at, id}.
+BATCH_CALLBACKS_KEY = "test:batch:callbacks"
+
+
+@job("jobs.test_batch_callback")
+def batch_callback(label: str) -> None:
+    """A batch callback: records that it ran, with the batch and event its header names."""
+    import json
+
+    request = batch_callback.request
+    fired = getattr(request, "job_batch_callback", None) or {}
+    entry = {
+        "label": label,
+        "batch": fired.get("batch"),
+        "event": fired.get("event"),
+        "at": time.time(),
+        "id": request.id,
+    }
+    _broker_client().rpush(BATCH_CALLBACKS_KEY, json.dumps(entry))
+
+
+@job("jobs.test_batch_noop")
+def batch_noop(n: int) -> None:
+    """A member that does nothing but count its runs."""
+    _broker_client().hincrby("test:batch:runs", str(n), 1)
+
+
+@job("jobs.test_nest")
+def nest(level: int, depth: int) -> None:
+    """Inside a batch: below `depth`, create a child batch (with callbacks labelled by level)
+    holding a leaf job and the next level."""
+    from app.jobs.batches import Batch
+
+    if level >= depth:
+        return
+    child = Batch.create(
+        f"level {level + 1}",
+        on_complete=batch_callback.s(f"complete-{level + 1}"),
+        on_success=batch_callback.s(f"success-{level + 1}"),
+    )
+    with child.jobs():
+        batch_noop.delay(level)
+        nest.delay(level + 1, depth)
+
+
+@job("jobs.test_barrier")
+def barrier(token: str, parties: int) -> None:
+    """Wait until `parties` runs with this token have started, then return at once: two
+    members of a batch finishing at the same instant."""
+    client = _broker_client()
+    client.incr(f"test:barrier:{token}")
+    deadline = time.time() + 30
+    while int(client.get(f"test:barrier:{token}") or 0) < parties and time.time() < deadline:
+        time.sleep(0.001)

@@ -22,10 +22,10 @@ from app.jobs.send_email import _unique_per_order
         (lambda: Limit(to=True), "Limit(to=...)"),
         (lambda: Limit(to=2, duration=0), "Limit(duration=...)"),
         (lambda: Limit(to=2, duration=float("inf")), "Limit(duration=...)"),
-        (lambda: Limit(to=2, key="import_id"), "Limit(key=...)"),
+        (lambda: Limit(to=2, key="import_id"), "Limit(key=...)"),  # type: ignore[arg-type]
         (lambda: Rate(0), "Rate(limit)"),
         (lambda: Rate(5, per=-1), "Rate(per=...)"),
-        (lambda: Rate(5, key=3), "Rate(key=...)"),
+        (lambda: Rate(5, key=3), "Rate(key=...)"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_limits_are_refused_where_they_are_written(make: Any, message: str) -> None:
