@@ -206,3 +206,7 @@ def test_a_batch_made_in_a_transaction_that_rolls_back_leaves_nothing(
     assert kept.progress().total == 0 and client.llen("default") == 0
     with pytest.raises(BatchError, match="must be a job signature"):
         Batch.create("bad", on_complete="jobs.test_batch_callback")
+    with pytest.raises(BatchError, match="do not nest"), kept.jobs(), kept.jobs():
+        pass
+    missing = run_cli(services, "batches", "show", "424242", broker=broker)
+    assert missing.returncode == 2 and missing.stderr.strip() == "no batch 424242"
