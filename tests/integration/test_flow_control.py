@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from app.db import session_scope
+from app.delivery import records
 from app.delivery.records import Keys
 from tests.integration.conftest import Services, flush_broker, isolated_broker, run_cli, worker_env
 from tests.integration.factories import wait_until
@@ -153,6 +154,8 @@ def test_a_unique_job_is_enqueued_once_while_queued_or_running_then_again_once_d
             wait_until(lambda: client.llen(FLOW_STARTED_KEY) >= 1, timeout=30)
             assert unique.apply_async(["u", 1], producer=producer).id == first  # running
             wait_until(lambda: client.llen(FLOW_KEY) == 2, timeout=30)
+            # (the key is released once the job has returned, just after it recorded its run)
+            wait_until(lambda: not client.exists(KEYS.unique + "jobs.test_unique:u"), timeout=30)
             again = unique.apply_async(["u", 0], producer=producer).id
             assert again != first
             wait_until(lambda: client.llen(FLOW_KEY) == 3, timeout=30)
@@ -214,11 +217,13 @@ def test_a_job_still_queued_after_expires_in_is_skipped_logged_and_counted(
     broker = isolated_broker(services.broker_url, DB)
     flush_broker(broker)
     client = client_for(broker)
-    with job_producer(broker) as producer:
-        stale = expiring.apply_async(["stale"], producer=producer).id
-        time.sleep(2.5)  # expires_in is 2 s
-        fresh = expiring.apply_async(["fresh"], producer=producer).id
     with workers(worker_env(services, broker), tmp_path, 1) as (worker,):
+        records.pause(client, "default")  # the worker takes nothing from it until resumed
+        with job_producer(broker) as producer:
+            stale = expiring.apply_async(["stale"], producer=producer).id
+            time.sleep(2.5)  # expires_in is 2 s
+            fresh = expiring.apply_async(["fresh"], producer=producer).id
+        records.resume(client, "default")
         wait_until(lambda: client.llen(FLOW_KEY) >= 1, timeout=30)
         wait_until(lambda: f"job expired jobs.test_expiring[{stale}]" in worker.log.read_text())
     assert [e["id"] for e in spans(client)] == [fresh]
