@@ -44,8 +44,9 @@ migrate: setup
 	$(BIN)/python -m app.embedded run -- alembic upgrade head
 
 ## test: the whole suite, unit and integration, against the configured or embedded servers
+## (make test PYTEST_ARGS='-m "not heavy"' leaves out the long chaos and volume tests)
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## unit: the unit tests only (no broker, no database)
 unit: setup

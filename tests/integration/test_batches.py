@@ -79,6 +79,7 @@ def _switch_broker(url: str) -> None:
     celery.amqp._producer_pool = None
 
 
+@pytest.mark.heavy
 def test_a_batch_of_ten_thousand_jobs_survives_worker_kills_and_calls_back_once(
     services: Services, broker: str, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from app import celery
@@ -110,6 +111,7 @@ def test_a_restarted_beat_resumes_without_repeating_a_tick(
     assert min(watcher.gaps()) > INTERVAL / 2, watcher.gaps()
 
 
+@pytest.mark.heavy
 def test_a_waiting_beat_takes_over_when_the_holder_is_killed(
     services: Services, tmp_path: Path
 ) -> None:

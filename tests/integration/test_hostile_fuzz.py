@@ -249,6 +249,7 @@ def found_first(test: Any) -> Any:
         HealthCheck.large_base_example,
     ],
 )
+@pytest.mark.heavy
 @given(
     batch=st.lists(recipes(), min_size=1, max_size=8), good_tag=st.sampled_from(["own", "celery"])
 )

@@ -111,6 +111,7 @@ def test_a_producer_killed_between_commit_and_publish_loses_nothing(
     assert relayed < 10, f"the relay took {relayed:.1f} s"
 
 
+@pytest.mark.heavy
 def test_two_relays_publish_ten_thousand_committed_jobs_each_effect_once(
     services: Services, tmp_path: Path
 ) -> None:

@@ -181,6 +181,7 @@ def test_a_foreign_producers_future_job_is_moved_to_the_set_not_held(
     assert waiting(client) == 0 and held(client) == 0
 
 
+@pytest.mark.heavy
 def test_two_workers_polling_enqueue_each_due_job_exactly_once_never_early(
     services: Services, tmp_path: Path
 ) -> None:
@@ -210,6 +211,7 @@ def test_two_workers_polling_enqueue_each_due_job_exactly_once_never_early(
     )
 
 
+@pytest.mark.heavy
 def test_killed_workers_leave_every_scheduled_job_enqueued_once(
     services: Services, tmp_path: Path
 ) -> None:

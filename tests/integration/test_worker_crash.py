@@ -251,6 +251,7 @@ def effects(scenario: Scenario, smtp: SmtpServer, gateway: GatewaySimulator) -> 
     }
 
 
+@pytest.mark.heavy
 def test_killed_pool_processes_lose_nothing_and_double_nothing(
     services: Services, smtp: SmtpServer, gateway: GatewaySimulator, tmp_path: Path
 ) -> None:
@@ -273,6 +274,7 @@ def test_killed_pool_processes_lose_nothing_and_double_nothing(
         assert reload(Product, product).inventory == expected
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("companion", [True, False], ids=["another-worker-alive", "alone"])
 def test_killed_whole_workers_lose_nothing_and_double_nothing(
     services: Services,
