@@ -10,6 +10,7 @@ RAILS_TABLES = {
     "users",
     "dead_letters",
     "outbox_messages",
+    "job_continuations",
     "orders",
     "order_items",
     "products",
