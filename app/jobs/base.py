@@ -278,6 +278,7 @@ class Job(Task):  # type: ignore[misc]
                             execution.task_id,
                             self.max_resumptions,
                             lambda: self._requeue(args, kwargs),
+                            self._time_slice(),
                         )
                     )
                 check_size(args, kwargs)
@@ -335,6 +336,12 @@ class Job(Task):  # type: ignore[misc]
             error.job_executions = counts  # type: ignore[attr-defined]  # this one included
         instrumentation.finished(execution, "failure", error)
         raise error
+
+    def _time_slice(self) -> float | None:
+        """How long a continuable execution runs before it stops at a checkpoint to be
+        enqueued again: half its soft time limit, so a long walk never reaches the limit."""
+        limit = self.soft_time_limit or self.app.conf.task_soft_time_limit
+        return float(limit) / 2 if limit else None
 
     def _requeue(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Enqueue this execution again, same task id and queue, headers carried as a retry

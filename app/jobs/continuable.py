@@ -1,17 +1,16 @@
 """Continuations, after ActiveJob 8.1's `Continuable`: a job in steps that stops at a
 checkpoint when its worker shuts down and resumes there, and never runs a completed step again.
 
-    @job("jobs.import_rows", continuable=True, max_resumptions=50)
-    def import_rows(import_id: RowId) -> None:
-        step("import", lambda s: import_chunks(s, import_id))
-        step("finish", lambda s: finish_import(import_id))
+    @job("jobs.large_data_process", continuable=True, max_resumptions=100)
+    def large_data_process(dataset_id: RowId) -> None:
+        step("process", lambda s: process_batches(s, dataset_id))
 
-    def import_chunks(s: Step, import_id: int) -> None:
+    def process_batches(s: Step, dataset_id: int) -> None:
         while True:
-            with s.checkpoint() as session:             # one transaction
-                chunk = imports.next_chunk(session, import_id, after=s.cursor or 0)
-                s.advance(chunk.last_line)               # committed with the chunk's rows
-            if chunk.last:
+            with s.checkpoint() as session:  # one transaction
+                batch = datasets.process_next_batch(session, dataset_id)
+                s.advance(batch.cursor)  # committed with the batch
+            if batch.completed:
                 return
 
 Progress lives in `job_continuations` under the job's task id (retries, the requeue and the
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -59,7 +59,12 @@ class ResumptionLimitExceeded(Exception):
 
 
 class Interrupted(Exception):
-    """Raised at a checkpoint of a stopping worker; `running` turns it into the requeue."""
+    """Raised at a checkpoint of a stopping worker, or of an execution that has used half its
+    soft time limit; `running` turns it into the requeue."""
+
+    def __init__(self, shutdown: bool) -> None:
+        super().__init__("shutdown" if shutdown else "time slice")
+        self.shutdown = shutdown
 
 
 class JobInterrupted(Ignore):  # type: ignore[misc]
@@ -157,8 +162,17 @@ class Step:
 class Continuation:
     """The steps of one execution of a continuable job, and the progress they save."""
 
-    def __init__(self, job_name: str, progress: Progress, max_resumptions: int) -> None:
+    def __init__(
+        self,
+        job_name: str,
+        progress: Progress,
+        max_resumptions: int,
+        time_slice: float | None = None,
+    ) -> None:
         self.job_name = job_name
+        #: When this execution stops at a checkpoint to be enqueued again (monotonic clock),
+        #: so it never reaches its soft time limit; None: never.
+        self.slice_ends = None if time_slice is None else time.monotonic() + time_slice
         self.progress = progress
         self.max_resumptions = max_resumptions
         self._reached: list[str] = []
@@ -211,9 +225,12 @@ class Continuation:
             raise
 
     def stop_if_stopping(self) -> None:
-        """At a committed checkpoint: end the execution here if the worker is shutting down."""
+        """At a committed checkpoint: end the execution here if the worker is shutting down
+        or the execution has used its time slice."""
         if shutdown.stopping():
-            raise Interrupted()
+            raise Interrupted(shutdown=True)
+        if self.slice_ends is not None and time.monotonic() >= self.slice_ends:
+            raise Interrupted(shutdown=False)
 
 
 def step(name: str, run: Callable[[Step], T]) -> T | None:
@@ -228,12 +245,20 @@ def step(name: str, run: Callable[[Step], T]) -> T | None:
 
 @contextmanager
 def running(
-    job_name: str, task_id: str, max_resumptions: int, requeue: Callable[[], None]
+    job_name: str,
+    task_id: str,
+    max_resumptions: int,
+    requeue: Callable[[], None],
+    time_slice: float | None = None,
 ) -> Iterator[Continuation]:
     """Around one execution of a continuable job: load its progress, resume it, and on a
-    shutdown's checkpoint requeue it (`requeue` enqueues the same task id) or give up."""
+    shutdown's checkpoint requeue it (`requeue` enqueues the same task id) or give up.
+
+    After `time_slice` seconds the execution also stops at its next checkpoint and is
+    enqueued again (not counted as a resumption): a long walk never reaches its time limit.
+    """
     progress = store.load(task_id) or Progress(task_id, job_name)
-    continuation = Continuation(job_name, progress, max_resumptions)
+    continuation = Continuation(job_name, progress, max_resumptions, time_slice)
     extra = {"job": job_name, "task_id": task_id}
     if progress.finished:
         logger.info("job %s[%s] finished before: no step runs again", job_name, task_id)
@@ -251,8 +276,20 @@ def running(
     token = _current.set(continuation)
     try:
         yield continuation
-    except Interrupted:
+    except Interrupted as stop:
         where = f"step {progress.current_step} cursor {json.dumps(progress.cursor)}"
+        if not stop.shutdown:
+            with continuation.saving():
+                requeue()
+            logger.info(
+                "job %s[%s] used its time slice (%g s) at %s; enqueued again to go on there",
+                job_name,
+                task_id,
+                time_slice,
+                where,
+                extra={**extra, "event": "sliced", "step": progress.current_step},
+            )
+            raise JobInterrupted(f"time slice over at {where}; enqueued again") from None
         if progress.resumptions >= max_resumptions:
             raise ResumptionLimitExceeded(
                 f"{job_name}[{task_id}] stopped for a shutdown {progress.resumptions + 1} "

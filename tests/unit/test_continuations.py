@@ -4,6 +4,7 @@ stopping worker, and the bound on resumptions."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -238,3 +239,33 @@ def test_max_resumptions_needs_a_continuable_job_and_a_count() -> None:
         job("jobs.test_not_continuable", max_resumptions=3)
     with pytest.raises(JobDeclarationError, match="whole number >= 0"):
         job("jobs.test_negative", continuable=True, max_resumptions=-1)
+
+
+@job("jobs.test_sliced", continuable=True, soft_time_limit=0.1, time_limit=10)
+def sliced(items: int) -> None:
+    def slow_walk(s: Step) -> None:
+        start = 0 if s.cursor is None else s.cursor + 1
+        for item in range(start, items):
+            with s.checkpoint():
+                time.sleep(0.02)
+                ran.append(("walk", item))
+                s.advance(item)
+
+    step("walk", slow_walk)
+
+
+def test_a_long_step_stops_at_a_checkpoint_after_half_its_soft_time_limit_and_goes_on(
+    memory_store: MemoryStore, enqueued_jobs: EnqueuedJobs
+) -> None:
+    task_id = uuid()
+
+    sliced.apply([10], task_id=task_id, throw=True).get()
+
+    first = len(ran)
+    assert 2 <= first < 10  # stopped after 0.05 s of 0.02 s checkpoints
+    [again] = enqueued_jobs.jobs
+    assert again.task_id == task_id
+    assert memory_store.saved[task_id].resumptions == 0  # not a shutdown: not counted
+    while enqueued_jobs.jobs:
+        enqueued_jobs.perform_enqueued_jobs(limit=1)
+    assert ran == [("walk", i) for i in range(10)]
