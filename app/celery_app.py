@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from celery import Celery, signals
 
-from app import logs  # noqa: F401  (connects the log set-up and job-context signals)
+from app import (
+    logs,  # noqa: F401  (connects the log set-up and job-context signals)
+    shutdown,
+)
 from app.delivery.outbox import start_relay, stop_relay
 from app.delivery.scheduled import install_revoke_hook
 
@@ -15,3 +18,7 @@ signals.worker_init.connect(install_revoke_hook, weak=False)
 # Every worker relays what the outbox holds after its enqueuing process could not publish it.
 signals.worker_ready.connect(start_relay, weak=False)
 signals.worker_shutdown.connect(stop_relay, weak=False)
+# A warm shutdown reaches the main process only: a flag in shared memory tells the pool's
+# continuable jobs to stop at their next checkpoint (made before the pool forks).
+signals.worker_init.connect(shutdown.share_with_pool, weak=False)
+signals.worker_shutting_down.connect(shutdown.announce, weak=False)

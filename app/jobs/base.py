@@ -50,6 +50,7 @@ from app.delivery.envelope import decoded_body
 from app.delivery.flow import EXPIRES_HEADER, UNIQUE_HEADER, Limit, Rate
 from app.delivery.records import Keys
 from app.delivery.scheduled import ERROR_HEADER
+from app.jobs import continuable as continuations
 from app.jobs import instrumentation
 from app.jobs.arguments import (
     SENSITIVE_NAMES,
@@ -57,6 +58,7 @@ from app.jobs.arguments import (
     check_size,
     redacted_arguments,
 )
+from app.jobs.continuable import DEFAULT_MAX_RESUMPTIONS
 from app.jobs.errors import DeserializationError, JobDeclarationError
 from app.jobs.instrumentation import AroundPerform, Execution
 from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, find_policy
@@ -160,6 +162,9 @@ class Job(Task):  # type: ignore[misc]
     limits_concurrency: Limit | None = None
     flow_rate: Rate | None = None
     expires_in: float | None = None
+    #: Continuations (app.jobs.continuable): the body runs steps that resume where they got to.
+    continuable: bool = False
+    max_resumptions: int = DEFAULT_MAX_RESUMPTIONS
 
     @cached_property
     def policies(self) -> tuple[Policy, ...]:
@@ -274,6 +279,16 @@ class Job(Task):  # type: ignore[misc]
             with ExitStack() as hooks:
                 for hook in self.around_perform:
                     hooks.enter_context(hook(execution))
+                if self.continuable:
+                    hooks.enter_context(
+                        continuations.running(
+                            self.name,
+                            execution.task_id,
+                            self.max_resumptions,
+                            lambda: self._requeue(args, kwargs),
+                            self._time_slice(),
+                        )
+                    )
                 check_size(args, kwargs)
                 bind_arguments(self.run, args, kwargs)
                 result = super().__call__(*args, **kwargs)
@@ -281,9 +296,8 @@ class Job(Task):  # type: ignore[misc]
             # retries the job (idempotent), so the count is never lost.
             _batch_member_done(batch, request)
         except (Retry, Ignore, Reject) as control:  # the body steered Celery itself
-            instrumentation.finished(
-                execution, "retry" if isinstance(control, Retry) else "discard"
-            )
+            outcome = getattr(control, "outcome", "discard")  # (a continuation: "interrupted")
+            instrumentation.finished(execution, "retry" if isinstance(control, Retry) else outcome)
             raise
         except Exception as error:
             return self._rescue(error, execution, args, kwargs)
@@ -325,6 +339,7 @@ class Job(Task):  # type: ignore[misc]
                     self.apply_async(
                         args,
                         kwargs,
+                        task_id=request.id,  # as Task.retry keeps it (a continuation's key)
                         countdown=wait,
                         headers=headers,
                         retries=(request.retries or 0) + 1,
@@ -336,6 +351,32 @@ class Job(Task):  # type: ignore[misc]
             error.job_executions = counts  # type: ignore[attr-defined]  # this one included
         instrumentation.finished(execution, "failure", error)
         raise error
+
+    def _time_slice(self) -> float | None:
+        """How long a continuable execution runs before it stops at a checkpoint to be
+        enqueued again: half its soft time limit, so a long walk never reaches the limit."""
+        limit = self.soft_time_limit or self.app.conf.task_soft_time_limit
+        return float(limit) / 2 if limit else None
+
+    def _requeue(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Enqueue this execution again, same task id and queue, headers carried as a retry
+        carries them (a continuation stopping for a shutdown). Inside an open `session_scope`
+        it goes through the outbox: published once that transaction commits."""
+        request = self.request
+        headers = {
+            name: value for name in CARRIED_HEADERS if (value := _header(request, name)) is not None
+        }
+        options: dict[str, Any] = {"headers": headers, "retries": request.retries or 0}
+        queue = _delivered_queue(request)
+        if queue in QUEUES:
+            options["queue"] = queue
+        prepared = self.prepare(args, kwargs, request.id, **options)
+
+        def deliver() -> None:
+            _deliver([prepared])
+
+        if not _through_outbox([prepared]) and not after_commit(deliver):
+            deliver()
 
     def _skip_expired(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         request = self.request
@@ -831,6 +872,8 @@ def job(
     limits_concurrency: Limit | None = None,
     rate_limit: Rate | str | None = None,
     expires_in: float | None = None,
+    continuable: bool = False,
+    max_resumptions: int | None = None,
     **task_options: Any,
 ) -> Callable[[F], Job]:
     """Declare a function as a job registered under the stable name `jobs.<snake_case>`.
@@ -839,6 +882,10 @@ def job(
     `unique_for=seconds` (with `unique_key=callable(*args, **kwargs)`, else one per job name),
     `limits_concurrency=Limit(to, key, duration)`, `rate_limit=Rate(limit, per, key)` (a string
     such as "10/m" is Celery's own per-worker limit), `expires_in=seconds`.
+
+    Continuations (app.jobs.continuable): `continuable=True` lets the body run `step(...)`s
+    that checkpoint their cursor and resume after a shutdown or crash; `max_resumptions` bounds
+    how often a shutdown may stop and requeue it (default 100).
     """
     if not JOB_NAME.fullmatch(name):
         raise JobDeclarationError(f"job names are jobs.<snake_case>, got {name!r}")
@@ -857,6 +904,16 @@ def job(
             f"({hard}), or the soft limit can never fire"
         )
     _check_flow(name, unique_for, unique_key, limits_concurrency, rate_limit, expires_in)
+    if max_resumptions is not None and not continuable:
+        raise JobDeclarationError(f"{name}: max_resumptions needs continuable=True")
+    if max_resumptions is not None and (
+        not isinstance(max_resumptions, int)
+        or isinstance(max_resumptions, bool)
+        or max_resumptions < 0
+    ):
+        raise JobDeclarationError(
+            f"{name}: max_resumptions must be a whole number >= 0, got {max_resumptions!r}"
+        )
     if isinstance(rate_limit, str):  # Celery's own, per worker
         task_options["rate_limit"] = rate_limit
     # A function stored on a class would be bound as a method: keep the chooser unbound.
@@ -876,6 +933,10 @@ def job(
             limits_concurrency=limits_concurrency,
             flow_rate=rate_limit if isinstance(rate_limit, Rate) else None,
             expires_in=expires_in,
+            continuable=continuable,
+            max_resumptions=(
+                DEFAULT_MAX_RESUMPTIONS if max_resumptions is None else max_resumptions
+            ),
             **task_options,
         )(func)
         return task  # type: ignore[no-any-return]

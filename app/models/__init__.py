@@ -2,6 +2,7 @@
 
 from app.models.base import Base
 from app.models.batch import Batch, BatchItem
+from app.models.continuation import JobContinuation
 from app.models.data_import import Import
 from app.models.dataset import Dataset, Record
 from app.models.dead_letter import DeadLetter
@@ -25,6 +26,7 @@ __all__ = [
     "InventoryAudit",
     "JobBatch",
     "JobBatchJob",
+    "JobContinuation",
     "Order",
     "OrderItem",
     "OutboxMessage",

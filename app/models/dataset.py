@@ -39,6 +39,7 @@ class Record(Base):
     __tablename__ = "records"
     __table_args__ = (
         one_of("status", RECORD_STATUSES),
+        CheckConstraint("times_processed >= 0", name="times_processed_not_negative"),
         Index(None, "dataset_id", "id"),  # keyset paging: WHERE dataset_id = ? AND id > ?
     )
 
@@ -47,3 +48,5 @@ class Record(Base):
     status: Mapped[str] = mapped_column(default="pending", server_default="pending")
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     processed_at: Mapped[dt.datetime | None]
+    #: How many times a run processed the record: 1 once done, whatever crashed or stopped.
+    times_processed: Mapped[int] = mapped_column(default=0, server_default="0")

@@ -1,14 +1,19 @@
-"""Importing products from a CSV file: upsert by sku, bad rows counted with their lines."""
+"""Importing products from a CSV file: upsert by sku, bad rows counted with their lines.
+
+An import runs in chunks of CHUNK_ROWS rows, each committed with the import's counters: rows
+are visible as each chunk commits, and a resumed run goes on after the last committed chunk.
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -22,6 +27,8 @@ from app.services.errors import DomainError, NotFound
 COLUMNS = ("sku", "name", "price", "inventory")
 #: Rows upserted per statement.
 UPSERT_BATCH = 500
+#: Rows per transaction (one checkpoint of jobs.import_data).
+CHUNK_ROWS = 2000
 #: Row errors kept on the import; the count of rejected rows is always exact.
 MAX_ERRORS_KEPT = 1000
 
@@ -39,7 +46,7 @@ class ImportInProgress(DomainError):
 
 @dataclass(frozen=True)
 class ImportOutcome:
-    """Where the import stands after `run_import`."""
+    """Where the import stands after `complete_import`."""
 
     import_id: int
     status: str
@@ -49,13 +56,98 @@ class ImportOutcome:
     changed: bool  # False: it had completed or failed before
 
 
-def run_import(session: Session, import_id: int) -> ImportOutcome:
-    """Import the CSV named by the import's source, in this one transaction.
+@dataclass(frozen=True)
+class Chunk:
+    """What one `import_chunk` did: `rows_seen` is where the next chunk starts."""
 
-    The import row is locked NOWAIT: a concurrent run gets ImportInProgress at once instead
-    of waiting, and since all rows and counters commit together, a crashed run leaves the
-    import pending for a clean re-run (upserts by sku make a re-run harmless anyway).
+    import_id: int
+    rows_seen: int
+    last: bool  # no rows left (or the import had ended: completed or failed)
+
+
+class Source:
+    """The import's CSV, read on from where the import's committed counters say it got to.
+
+    Kept open across the chunks of one run; reopened (skipping the rows already seen) only
+    when the import's `rows_seen` is not where this reader is (a resumed run, or another run
+    took chunks in between).
     """
+
+    def __init__(self) -> None:
+        self._handle: TextIO | None = None
+        self._rows: Iterator[tuple[int, dict[str, Any]]] | None = None
+        self.position = 0  # data rows taken so far
+
+    def take(self, source: str, seen: int, count: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to `count` (line, row) pairs of `source` after its first `seen` data rows."""
+        if self._rows is None or self.position != seen:
+            self._open(source)
+            assert self._rows is not None
+            for _ in itertools.islice(self._rows, seen):
+                self.position += 1
+        assert self._rows is not None
+        rows = list(itertools.islice(self._rows, count))
+        self.position += len(rows)
+        return rows
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = self._rows = None
+
+    def _open(self, source: str) -> None:
+        self.close()
+        self._handle = _local_path(source).open(newline="", encoding="utf-8")
+        reader = csv.DictReader(self._handle)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise _BadSource(f"missing columns: {', '.join(missing)} (have: {', '.join(header)})")
+        reader.fieldnames = header
+        self._rows, self.position = _numbered(reader), 0
+
+
+def import_chunk(
+    session: Session, import_id: int, source: Source | None = None, rows: int = CHUNK_ROWS
+) -> Chunk:
+    """Import the next `rows` rows of the CSV, with the import's counters, in this transaction.
+
+    The import row is locked NOWAIT: a concurrent run gets ImportInProgress at once instead of
+    waiting. Its counters commit with the rows they count, and `rows_seen` is where the next
+    chunk starts, so a run stopped or crashed between chunks resumes after the last committed
+    one, counting every row once. A source that cannot be read fails the import.
+    """
+    record = _locked(session, import_id)
+    if record.status in ("completed", "failed"):
+        return Chunk(import_id, record.rows_seen, last=True)
+    record.status = "processing"
+    source = source or Source()
+    try:
+        taken = source.take(record.source, record.rows_seen, rows)
+    except (OSError, UnicodeDecodeError, csv.Error, _BadSource) as exc:
+        source.close()
+        record.status = "failed"
+        record.errors = [*record.errors, {"line": None, "error": f"cannot read source: {exc}"}]
+        record.completed_at = dt.datetime.now(dt.UTC)
+        session.flush()
+        return Chunk(import_id, record.rows_seen, last=True)
+    _import_rows(session, record, taken)
+    session.flush()
+    return Chunk(import_id, record.rows_seen, last=len(taken) < rows)
+
+
+def complete_import(session: Session, import_id: int) -> ImportOutcome:
+    """Mark an import whose every row is in completed; an ended import is left as it is."""
+    record = _locked(session, import_id)
+    if record.status in ("completed", "failed"):
+        return _outcome(record, changed=False)
+    record.status, record.completed_at = "completed", dt.datetime.now(dt.UTC)
+    session.flush()
+    return _outcome(record, changed=True)
+
+
+def _locked(session: Session, import_id: int) -> Import:
     try:
         record = session.scalar(
             select(Import).where(Import.id == import_id).with_for_update(nowait=True)
@@ -66,21 +158,7 @@ def run_import(session: Session, import_id: int) -> ImportOutcome:
         raise
     if record is None:
         raise ImportNotFound(import_id)
-    if record.status in ("completed", "failed"):
-        return _outcome(record, changed=False)
-    record.status = "processing"
-    try:
-        path = _local_path(record.source)
-        with path.open(newline="", encoding="utf-8") as handle:
-            _import_rows(session, record, handle)
-    except (OSError, UnicodeDecodeError, csv.Error, _BadSource) as exc:
-        record.status = "failed"
-        record.errors = [*record.errors, {"line": None, "error": f"cannot read source: {exc}"}]
-    else:
-        record.status = "completed"
-    record.completed_at = dt.datetime.now(dt.UTC)
-    session.flush()
-    return _outcome(record, changed=True)
+    return record
 
 
 class _BadSource(ValueError):
@@ -94,33 +172,28 @@ def _local_path(source: str) -> Path:
     raise _BadSource(f"unsupported source {source!r}; use a file path or file:// URL")
 
 
-def _import_rows(session: Session, record: Import, handle: Iterable[str]) -> None:
-    reader = csv.DictReader(handle)
-    header = [h.strip().lower() for h in reader.fieldnames or []]
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise _BadSource(f"missing columns: {', '.join(missing)} (have: {', '.join(header)})")
-    reader.fieldnames = header
-    seen = imported = rejected = 0
+def _import_rows(
+    session: Session, record: Import, rows: Iterable[tuple[int, dict[str, Any]]]
+) -> None:
     errors: list[dict[str, Any]] = []
     pending: dict[str, dict[str, Any]] = {}
-    for line, row in _numbered(reader):
-        seen += 1
+    for line, row in rows:
+        record.rows_seen += 1
         problem, values = _parse(row)
         if problem is not None:
-            rejected += 1
-            if len(errors) < MAX_ERRORS_KEPT:
-                errors.append({"line": line, "error": problem})
+            record.rows_rejected += 1
+            errors.append({"line": line, "error": problem})
             continue
-        imported += 1
+        record.rows_imported += 1
         pending[values["sku"]] = values  # a sku repeated in one batch: the last row wins
         if len(pending) >= UPSERT_BATCH:
             _upsert(session, pending.values())
             pending.clear()
     if pending:
         _upsert(session, pending.values())
-    record.rows_seen, record.rows_imported, record.rows_rejected = seen, imported, rejected
-    record.errors = errors
+    room = MAX_ERRORS_KEPT - len(record.errors)
+    if errors and room > 0:
+        record.errors = [*record.errors, *errors[:room]]
 
 
 def _numbered(reader: csv.DictReader[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -185,3 +258,11 @@ def _outcome(record: Import, *, changed: bool) -> ImportOutcome:
         record.rows_rejected,
         changed,
     )
+
+
+def import_status(session: Session, import_id: int) -> str:
+    """The import's status."""
+    status = session.scalar(select(Import.status).where(Import.id == import_id))
+    if status is None:
+        raise ImportNotFound(import_id)
+    return status

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import func, select, update
 
 from app import celery
 from app.db import session_scope
@@ -309,3 +310,65 @@ def barrier(token: str, parties: int) -> None:
     deadline = time.time() + 30
     while int(client.get(f"test:barrier:{token}") or 0) < parties and time.time() < deadline:
         time.sleep(0.001)
+
+
+# Continuations (tests/integration/test_continuations.py) -----------------------------------
+
+
+class WalkHiccup(Exception):
+    """Raised once by `continuable_walk` after it made progress; retried after 1 s."""
+
+
+#: Tokens whose walk has raised its hiccup already; the cursor each execution started at.
+HICCUPS: set[str] = set()
+walk_starts: list[tuple[str, Any]] = []
+
+
+@job(
+    "jobs.test_continuable_walk",
+    continuable=True,
+    retry_on=[RetryOn(WalkHiccup, wait=1, attempts=3, jitter=0)],
+)
+def continuable_walk(prefix: str, fail_at: int) -> None:
+    """Add 1 to the inventory of each product whose sku starts with `prefix`, ten a checkpoint;
+    once, raise in the middle of the checkpoint that reaches the `fail_at`-th product."""
+    from app.jobs.continuable import Step, step
+
+    def walk(s: Step) -> None:
+        walk_starts.append((prefix, s.cursor))
+        while True:
+            with s.checkpoint() as session:
+                ids = list(
+                    session.scalars(
+                        select(Product.id)
+                        .where(Product.sku.startswith(prefix), Product.id > (s.cursor or 0))
+                        .order_by(Product.id)
+                        .limit(10)
+                    )
+                )
+                session.execute(
+                    update(Product)
+                    .where(Product.id.in_(ids))
+                    .values(inventory=Product.inventory + 1)
+                )
+                walked = sum(1 for _ in ids) + _walked(session, prefix, s.cursor)
+                if walked >= fail_at and prefix not in HICCUPS:
+                    HICCUPS.add(prefix)
+                    raise WalkHiccup(f"{prefix}: after {walked - len(ids)} products")
+                if ids:
+                    s.advance(ids[-1])
+            if len(ids) < 10:
+                return
+
+    step("walk", walk)
+
+
+def _walked(session: Any, prefix: str, cursor: Any) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Product)
+            .where(Product.sku.startswith(prefix), Product.id <= (cursor or 0))
+        )
+        or 0
+    )

@@ -6,12 +6,14 @@ from decimal import Decimal
 from pathlib import Path
 
 from celery.worker import WorkController
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from app import shutdown
 from app.db import session_scope
 from app.jobs import import_data
 from app.jobs.testing import EnqueuedJobs
 from app.models import Import, Product
+from app.services import imports
 from tests.integration.factories import make_product, reload
 
 CSV = """sku,name,price,inventory
@@ -116,3 +118,42 @@ def test_every_bad_field_of_a_row_is_reported_not_only_the_first(tmp_path: Path)
             "price 'abc' is not a number; inventory '-2' must be a whole number >= 0",
         }
     ]
+
+
+def test_a_stopped_import_keeps_its_committed_chunks_and_resumes_after_them(
+    tmp_path: Path, enqueued_jobs: EnqueuedJobs
+) -> None:
+    lines = ["sku,name,price,inventory"]
+    lines += [f"S-{i},Item {i},1.00,{i}" if i % 1000 else f"S-{i},Item,bad,1" for i in range(5000)]
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(lines) + "\n")
+    import_id = new_import(str(path))
+
+    shutdown.announce()  # the worker is stopping: the job ends after its first chunk
+    try:
+        import_data.perform_now(import_id)
+    finally:
+        shutdown.reset()
+
+    record = reload(Import, import_id)
+    assert (record.status, record.rows_seen, record.rows_imported, record.rows_rejected) == (
+        "processing",
+        imports.CHUNK_ROWS,
+        imports.CHUNK_ROWS - 2,
+        2,
+    )
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Product)) == imports.CHUNK_ROWS - 2
+    [again] = enqueued_jobs.jobs
+    assert list(again.args) == [import_id]
+
+    enqueued_jobs.perform_enqueued_jobs()
+
+    record = reload(Import, import_id)
+    assert (record.status, record.rows_seen, record.rows_imported, record.rows_rejected) == (
+        "completed",
+        5000,
+        4995,
+        5,
+    )
+    assert [e["line"] for e in record.errors] == [2, 1002, 2002, 3002, 4002]

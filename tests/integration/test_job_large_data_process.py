@@ -1,4 +1,5 @@
-"""jobs.large_data_process: keyset batches, the cursor committed with them, nothing twice."""
+"""jobs.large_data_process: keyset batches, each a checkpoint committed with its cursor, nothing
+twice (the SIGTERM and SIGKILL cases are in test_continuations.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ from celery.worker import WorkController
 from sqlalchemy import func, select
 
 from app.jobs import large_data_process
-from app.jobs.testing import EnqueuedJobs
-from app.models import Dataset, Record
+from app.models import Dataset, JobContinuation, Record
 from tests.integration.conftest import run_at_once
 from tests.integration.factories import make_dataset, reload, scalar, wait_until
 
@@ -15,27 +15,27 @@ from tests.integration.factories import make_dataset, reload, scalar, wait_until
 def test_a_dataset_is_walked_batch_by_batch_to_completion(worker: WorkController) -> None:
     dataset_id = make_dataset(2500)
 
-    large_data_process.delay(dataset_id)
+    result = large_data_process.delay(dataset_id)
 
     wait_until(lambda: reload(Dataset, dataset_id).status == "completed", timeout=60)
     dataset = reload(Dataset, dataset_id)
     last = scalar(select(func.max(Record.id)))
     assert (dataset.processed_count, dataset.cursor) == (2500, last)
-    assert scalar(select(func.count()).select_from(Record).where(Record.status == "pending")) == 0
+    assert scalar(select(func.count()).select_from(Record).where(Record.times_processed != 1)) == 0
+    wait_until(lambda: reload(JobContinuation, result.id).finished_at is not None, timeout=10)
+    assert reload(JobContinuation, result.id).completed_steps == ["process"]
 
 
-def test_a_stale_message_resumes_from_the_committed_cursor(enqueued_jobs: EnqueuedJobs) -> None:
+def test_a_stale_message_from_before_continuations_processes_nothing_again() -> None:
     dataset_id = make_dataset(2500)
 
-    first = large_data_process.perform_now(dataset_id)
-    # The first message is delivered again (a crash before its ack): it must not redo batch 1.
-    second = large_data_process.perform_now(dataset_id, 0)
+    large_data_process.perform_now(dataset_id)
+    # A message enqueued by the old job, with its cursor, delivered after the walk ended.
+    large_data_process.perform_now(dataset_id, 0)
 
-    assert second > first
-    assert reload(Dataset, dataset_id).processed_count == 2000
-    enqueued_jobs.perform_enqueued_jobs()
     dataset = reload(Dataset, dataset_id)
     assert (dataset.status, dataset.processed_count) == ("completed", 2500)
+    assert scalar(select(func.count()).select_from(Record).where(Record.times_processed != 1)) == 0
 
 
 def test_copies_running_at_once_process_each_record_once() -> None:
@@ -46,3 +46,4 @@ def test_copies_running_at_once_process_each_record_once() -> None:
 
     dataset = reload(Dataset, dataset_id)
     assert (dataset.status, dataset.processed_count) == ("completed", 3000)
+    assert scalar(select(func.count()).select_from(Record).where(Record.times_processed != 1)) == 0
