@@ -133,6 +133,12 @@ class Batch:
                 _add_members(session, parent_id, [(f"batch:{record.id}", "batch")])
             return cls(record.id)
 
+    @classmethod
+    def current(cls) -> Batch | None:
+        """The batch of the job running now (to add jobs to it from inside one of its jobs)."""
+        batch_id = current_batch.get()
+        return None if batch_id is None else cls(batch_id)
+
     @contextlib.contextmanager
     def jobs(self) -> Iterator[Batch]:
         """Jobs enqueued (`.delay()`, `apply_async`, `perform_all_later`) inside the block

@@ -301,6 +301,19 @@ def nest(level: int, depth: int) -> None:
         nest.delay(level + 1, depth)
 
 
+@job("jobs.test_grow")
+def grow(remaining: int) -> None:
+    """Add the next generation to this job's own batch, until `remaining` runs out."""
+    from app.jobs.batches import Batch
+
+    batch_noop.delay(1000 + remaining)  # not in a jobs() block: not a member
+    if remaining:
+        batch = Batch.current()
+        assert batch is not None
+        with batch.jobs():
+            grow.delay(remaining - 1)
+
+
 @job("jobs.test_barrier")
 def barrier(token: str, parties: int) -> None:
     """Wait until `parties` runs with this token have started, then return at once: two

@@ -37,6 +37,7 @@ from tests.integration.harness_jobs import (
     barrier,
     batch_callback,
     batch_noop,
+    grow,
     nest,
     record_run,
 )
@@ -166,6 +167,22 @@ def test_nested_batches_fire_each_childs_callbacks_before_its_parents(
         assert session.scalar(select(func.count()).select_from(JobBatch)) == 4
         levels = session.scalars(select(JobBatch).where(JobBatch.parent_id.is_not(None))).all()
         assert all(b.pending == 0 and b.succeeded_at is not None for b in levels)
+
+
+def test_jobs_add_jobs_to_their_own_batch_and_it_completes_after_the_last(
+    services: Services, broker: str, tmp_path: Path
+) -> None:
+    client = client_for(broker)
+    batch = Batch.create("grows", on_success=batch_callback.s("grown"))
+    with batch.jobs():
+        grow.delay(3)
+    with workers(worker_env(services, broker), tmp_path, 1):
+        wait_until(lambda: callbacks(client), timeout=60)
+        wait_until(lambda: client.hlen("test:batch:runs") == 4, timeout=30)
+        time.sleep(1)
+    assert [c["label"] for c in callbacks(client)] == ["grown"]
+    progress = batch.progress()
+    assert (progress.total, progress.pending) == (4, 0)  # the four grow jobs, not the noops
 
 
 def test_the_last_two_jobs_finishing_at_once_on_two_workers_call_back_once(
