@@ -8,6 +8,7 @@ from app import (
     logs,  # noqa: F401  (connects the log set-up and job-context signals)
     shutdown,
 )
+from app.delivery import heartbeat, throughput
 from app.delivery.outbox import start_relay, stop_relay
 from app.delivery.scheduled import install_revoke_hook
 
@@ -22,3 +23,8 @@ signals.worker_shutdown.connect(stop_relay, weak=False)
 # continuable jobs to stop at their next checkpoint (made before the pool forks).
 signals.worker_init.connect(shutdown.share_with_pool, weak=False)
 signals.worker_shutting_down.connect(shutdown.announce, weak=False)
+# Jobs run in a worker count themselves per minute for the web view's dashboard (the main
+# process for the solo and thread pools, each child for prefork).
+signals.worker_init.connect(throughput.enable, weak=False)
+signals.worker_init.connect(heartbeat.note_concurrency, weak=False)
+signals.worker_process_init.connect(throughput.enable, weak=False)

@@ -160,7 +160,12 @@ class Heartbeat:
             queues[queue] = None
             queues.update(dict.fromkeys(channel.queue_aliases.get(queue, ())))
         info = json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "queues": list(queues)}
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": list(queues),
+                "concurrency": concurrency,
+            }
         )
         added = self._beat_script(
             keys=[self.keys.workers, self.keys.worker_info + worker],
@@ -248,6 +253,17 @@ def _count_recovered(count: int) -> None:
 
 _agents: dict[tuple[Any, ...], Heartbeat] = {}
 _agents_lock = threading.Lock()
+
+
+#: The worker's pool size, for the web view (set by `note_concurrency` when a worker starts).
+concurrency: int | None = None
+
+
+def note_concurrency(sender: Any = None, **_: Any) -> None:
+    """Remember the starting worker's concurrency (connected to `worker_init`)."""
+    global concurrency
+    value = getattr(sender, "concurrency", None)
+    concurrency = int(value) if isinstance(value, int) else None
 
 
 def for_channel(channel: Channel) -> Heartbeat:

@@ -196,6 +196,43 @@ def entries(
         start += page
 
 
+def page(
+    client: redis.Redis,
+    prefix: str = "",
+    *,
+    offset: int = 0,
+    limit: int = 50,
+    job_name: str | None = None,
+    retries_only: bool = False,
+    max_scanned: int = 5000,
+) -> tuple[list[Entry], int | None]:
+    """One page of waiting jobs, soonest first, from position `offset` of the set: at most
+    `limit` entries, reading at most `max_scanned` members to find them (a filter never scans
+    the whole set). The offset of the next page, or None at the end of the set."""
+    keys = Keys(prefix)
+    found: list[Entry] = []
+    position, chunk = max(0, offset), min(500, max(limit, 50))
+    while len(found) < limit and position - offset < max_scanned:
+        members: Any = client.zrange(keys.schedule, position, position + chunk - 1, withscores=True)
+        if not members:
+            return found, None
+        raws: Any = client.hmget(keys.schedule_messages, [m for m, _ in members])
+        for (member, due), raw in zip(members, raws, strict=True):
+            position += 1
+            entry = None if raw is None else _entry(bytes(member).decode(), float(due), bytes(raw))
+            if entry is None:
+                continue
+            if job_name is not None and entry.job_name != job_name:
+                continue
+            if retries_only and not entry.is_retry:
+                continue
+            found.append(entry)
+            if len(found) >= limit:
+                break
+    more = int(client.zcard(keys.schedule)) > position
+    return found, position if more else None
+
+
 def find(client: redis.Redis, task_id: str, prefix: str = "") -> list[Entry]:
     """Every entry waiting under `task_id` (one, unless another message had the same id)."""
     keys = Keys(prefix)

@@ -129,3 +129,6 @@ def finished(execution: Execution, outcome: str, error: BaseException | None = N
     client = metrics()
     client.timing(f"jobs.{execution.metric_name}.duration", duration * 1000)
     client.incr(f"jobs.{execution.metric_name}.{outcome}")
+    from app.delivery import throughput
+
+    throughput.record(outcome)

@@ -88,11 +88,19 @@ def prune(session: Session, now: dt.datetime | None = None) -> int:
     return len(removed)
 
 
-def entries(session: Session, *, limit: int = 50, job_name: str | None = None) -> list[DeadLetter]:
-    """The newest entries first."""
+def entries(
+    session: Session,
+    *,
+    limit: int = 50,
+    job_name: str | None = None,
+    before: int | None = None,
+) -> list[DeadLetter]:
+    """The newest entries first (those with an id below `before`, for the next page)."""
     query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
     if job_name:
         query = query.where(DeadLetter.job_name == job_name)
+    if before is not None:
+        query = query.where(DeadLetter.id < before)
     return list(session.scalars(query))
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 from celery.schedules import crontab
 
-from app.cli import next_run_time
+from app.operations import next_run_time
 
 UTC = dt.UTC
 
