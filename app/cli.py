@@ -12,6 +12,7 @@
     jobs-service retries list                         jobs waiting to be tried again
     jobs-service flow                        unique keys, concurrency slots, rate windows
     jobs-service batches list|show           batches of jobs: progress and callbacks
+    jobs-service web                         the operator's web view (WEB_PASSWORD required)
 
 Output is a readable table by default and JSON with `--json`. Arguments holding personal or
 payment data are redacted in every listing.
@@ -308,16 +309,12 @@ def _paused_store(queue: str) -> tuple[Any, str, str]:
 
 def _broker_redis() -> tuple[Any, str]:
     """A redis-py client on the broker, and the key prefix; exit 2 when it is not Redis."""
-    import redis
+    from app.operations import NotRedis, broker_redis
 
-    from app import celery
-    from app.settings import get_endpoints, redis_client_url
-
-    url = redis_client_url(get_endpoints().broker_url)
-    if url is None:
-        _fail("this command needs a Redis broker (RabbitMQ keeps no such records here)")
-    prefix = str((celery.conf.broker_transport_options or {}).get("global_keyprefix") or "")
-    return redis.Redis.from_url(url), prefix
+    try:
+        return broker_redis()
+    except NotRedis as exc:
+        _fail(str(exc))
 
 
 def _broker_call(call: Any) -> Any:
@@ -339,70 +336,13 @@ def _broker_call(call: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def schedule_command(as_json: bool) -> None:
     """The beat schedule: each entry, its task, when it last ran and when it runs next."""
-    import datetime as dt
+    from app.operations import schedule_rows
 
-    from app import celery
-
-    rows = []
-    for name, entry in sorted(celery.conf.beat_schedule.items()):
-        schedule = entry["schedule"]
-        if isinstance(schedule, int | float):
-            schedule = dt.timedelta(seconds=schedule)
-        if isinstance(schedule, dt.timedelta):
-            from celery.schedules import schedule as every
-
-            schedule = every(schedule)
-        last = _last_run(name)
-        next_run = next_run_time(schedule, last, celery.now)
-        rows.append(
-            {
-                "entry": name,
-                "task": entry["task"],
-                "schedule": str(schedule),
-                "last_run": last.isoformat() if last else None,
-                "next_run": next_run.isoformat(timespec="seconds"),
-            }
-        )
+    rows = schedule_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(_table(rows, ["entry", "task", "schedule", "last_run", "next_run"]))
-
-
-def next_run_time(schedule: Any, last: Any, now: Any) -> Any:
-    """When a beat entry runs next, to the nearest second.
-
-    Celery's `remaining_estimate(last)` is measured from the moment it reads the clock, not
-    from `last`, so the next run is that moment plus the estimate (adding it to `last` put a
-    00:05 entry at 00:04:59 once beat had run it).
-    """
-    import datetime as dt
-
-    before = now()
-    remaining = schedule.remaining_estimate(last or before)
-    after = now()
-    # The estimate read the clock between `before` and `after`: take the middle.
-    at = before + (after - before) / 2 + max(remaining, dt.timedelta(0))
-    return (at + dt.timedelta(milliseconds=500)).replace(microsecond=0)
-
-
-def _last_run(name: str) -> Any:
-    """When RedBeat last ran the entry, if it keeps the schedule and has run it."""
-    from app import celery
-
-    if celery.conf.get("beat_scheduler") != "redbeat.RedBeatScheduler":
-        return None
-    from redbeat import RedBeatSchedulerEntry
-    from redbeat.schedulers import ensure_conf
-
-    ensure_conf(celery)
-    try:
-        entry = RedBeatSchedulerEntry.from_key(
-            RedBeatSchedulerEntry.generate_key(celery, name), app=celery
-        )
-    except KeyError:
-        return None
-    return entry.last_run_at if entry.total_run_count else None
 
 
 @main.command("health")
@@ -454,42 +394,10 @@ def dead_letters_group() -> None:
     """Jobs that failed for good: list, show, retry, discard."""
 
 
-def _redacted(entry: Any) -> Any:
-    from app import celery
-    from app.jobs.arguments import SENSITIVE_NAMES, redact, redacted_arguments
-
-    job = celery.tasks.get(entry.job_name)
-    if job is not None and hasattr(job, "sensitive_names"):
-        return redacted_arguments(job.run, entry.args, entry.kwargs, job.sensitive_names)
-    return {
-        "args": redact(list(entry.args), SENSITIVE_NAMES),
-        "kwargs": redact(dict(entry.kwargs), SENSITIVE_NAMES),
-    }
-
-
 def _as_dict(entry: Any, *, full: bool) -> dict[str, Any]:
-    shown: dict[str, Any] = {
-        "id": entry.id,
-        "failed_at": entry.failed_at.isoformat(),
-        "job": entry.job_name,
-        "queue": entry.queue,
-        "reason": entry.reason,
-        "attempts": entry.attempts,
-        "error": f"{entry.error_type.rsplit('.', 1)[-1]}: {entry.error_message}",
-        "arguments": _redacted(entry),
-    }
-    if full:
-        shown.update(
-            task_id=entry.task_id,
-            error_type=entry.error_type,
-            enqueued_at=entry.enqueued_at.isoformat() if entry.enqueued_at else None,
-            headers=entry.headers,
-            traceback=entry.traceback,
-            # A poison message's arguments are shown above, redacted; a malformed one has
-            # nothing but its raw bytes to show.
-            raw_message=entry.raw_message if entry.reason == "malformed" else None,
-        )
-    return shown
+    from app.operations import dead_letter_dict
+
+    return dead_letter_dict(entry, full=full)
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -573,27 +481,15 @@ def _selected(entry_ids: Sequence[int], everything: bool) -> list[int]:
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def retry_command(entry_ids: tuple[int, ...], everything: bool) -> None:
     """Enqueue the jobs again (fresh attempt counts) and remove them from the store."""
-    from app import celery
-    from app.db import session_scope
+    from app.operations import retry_dead_letter
     from app.services import dead_letters
 
     for entry_id in _selected(entry_ids, everything):
-        with session_scope() as session:
-            try:
-                entry = dead_letters.get(session, entry_id)
-            except dead_letters.DeadLetterNotFound as exc:
-                _fail(str(exc))
-        # Published first, removed after: a crash in between retries it twice (jobs are
-        # idempotent), never zero times.
-        options = {"queue": entry.queue} if entry.queue else {}
-        job = celery.tasks.get(entry.job_name)
-        if job is not None:
-            result = job.apply_async(entry.args, entry.kwargs, **options)
-        else:
-            result = celery.send_task(entry.job_name, entry.args, entry.kwargs, **options)
-        with session_scope() as session:
-            dead_letters.remove(session, entry_id)
-        click.echo(f"retried #{entry_id} {entry.job_name} as task {result.id}")
+        try:
+            entry, task_id = retry_dead_letter(entry_id)
+        except dead_letters.DeadLetterNotFound as exc:
+            _fail(str(exc))
+        click.echo(f"retried #{entry_id} {entry.job_name} as task {task_id}")
 
 
 @dead_letters_group.command("discard")
@@ -601,15 +497,14 @@ def retry_command(entry_ids: tuple[int, ...], everything: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def discard_command(entry_ids: tuple[int, ...], everything: bool) -> None:
     """Remove entries from the store for good."""
-    from app.db import session_scope
+    from app.operations import discard_dead_letter
     from app.services import dead_letters
 
     for entry_id in _selected(entry_ids, everything):
-        with session_scope() as session:
-            try:
-                entry = dead_letters.remove(session, entry_id)
-            except dead_letters.DeadLetterNotFound as exc:
-                _fail(str(exc))
+        try:
+            entry = discard_dead_letter(entry_id)
+        except dead_letters.DeadLetterNotFound as exc:
+            _fail(str(exc))
         click.echo(f"discarded #{entry_id} {entry.job_name}")
 
 
@@ -700,23 +595,9 @@ def batches_group() -> None:
 
 
 def _batch_dict(progress: Any) -> dict[str, Any]:
-    def when(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
+    from app.operations import batch_dict
 
-    return {
-        "id": progress.id,
-        "parent_id": progress.parent_id,
-        "description": progress.description,
-        "total": progress.total,
-        "pending": progress.pending,
-        "failed": progress.failed,
-        "dead": progress.dead,
-        "created_at": when(progress.created_at),
-        "completed_at": when(progress.completed_at),
-        "succeeded_at": when(progress.succeeded_at),
-        "died_at": when(progress.died_at),
-        "callbacks": progress.callbacks,
-    }
+    return batch_dict(progress)
 
 
 @batches_group.command("list")
@@ -777,37 +658,9 @@ def retries_group() -> None:
 
 
 def _scheduled_dict(entry: Any, *, full: bool) -> dict[str, Any]:
-    import datetime as dt
+    from app.operations import scheduled_dict
 
-    from app import celery
-    from app.jobs.arguments import SENSITIVE_NAMES, redact, redacted_arguments
-
-    args, kwargs = entry.arguments
-    job = celery.tasks.get(entry.job_name or "")
-    if job is not None and hasattr(job, "sensitive_names"):
-        arguments = redacted_arguments(job.run, args, kwargs, job.sensitive_names)
-    else:
-        arguments = {
-            "args": redact(list(args), SENSITIVE_NAMES),
-            "kwargs": redact(dict(kwargs), SENSITIVE_NAMES),
-        }
-    shown: dict[str, Any] = {
-        "task_id": entry.task_id or entry.member,
-        "due": dt.datetime.fromtimestamp(entry.due, dt.UTC).isoformat(timespec="seconds"),
-        "job": entry.job_name,
-        "queue": entry.queue,
-        "attempt": entry.retries + 1,
-        "error": entry.error,
-        "arguments": arguments,
-    }
-    if full:
-        headers = entry.message.get("headers") or {}
-        shown.update(
-            member=entry.member,
-            retries=entry.retries,
-            headers={k: v for k, v in headers.items() if k not in ("argsrepr", "kwargsrepr")},
-        )
-    return shown
+    return scheduled_dict(entry, full=full)
 
 
 def _list_scheduled(job_name: str | None, limit: int, as_json: bool, retries_only: bool) -> None:
@@ -945,6 +798,22 @@ def scheduled_delete_command(
     from app.delivery import scheduled
 
     _act_on_scheduled(task_ids, everything, job_name, scheduled.delete, "deleted")
+
+
+@main.command("web")
+def web_command() -> None:
+    """Serve the operator's web view on WEB_HOST:WEB_PORT (127.0.0.1:5556), behind HTTP basic
+    auth (WEB_USERNAME, default admin, and WEB_PASSWORD, which it refuses to start without)."""
+    from app.web import serve, web_settings
+
+    try:
+        settings = web_settings()
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+    click.echo(
+        f"web view on http://{settings.host}:{settings.port}/ (user {settings.username})", err=True
+    )
+    serve(settings)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def test_the_procfile_worker_and_beat_run_jobs(services: Services, tmp_path: Pat
         "worker",
         "beat",
         "flower",
+        "web",  # the operator's web view (tests/integration/test_web.py)
         "smtp",  # the development SMTP server and payment gateway, for `make serve`
         "gateway",
     }
