@@ -227,11 +227,13 @@ def _routes(web: Flask) -> None:
 
         client, prefix = _redis()
         states = queue_states()
+        pausable = (*QUEUES, "celery")
         heads: dict[str, list[dict[str, Any]]] = {}
+        shown = [s for s in states if s.queue in pausable]
         with client.pipeline(transaction=False) as pipe:
-            for state in states:
+            for state in shown:
                 pipe.lrange(prefix + state.queue, -NEXT_JOBS, -1)
-            for state, raws in zip(states, pipe.execute(), strict=True):
+            for state, raws in zip(shown, pipe.execute(), strict=True):
                 heads[state.queue] = [_message_view(raw) for raw in reversed(raws)]
         return render_template(
             "queues.html",
@@ -240,6 +242,7 @@ def _routes(web: Flask) -> None:
             weights=get_settings().queue_weights,
             order=get_settings().queue_order,
             heads=heads,
+            pausable=pausable,
         )
 
     @web.post("/queues/<queue>/<action>")

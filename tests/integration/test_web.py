@@ -242,11 +242,19 @@ def test_unauthenticated_requests_and_forged_posts_are_refused(web: Web) -> None
 
 def test_every_page_renders(web: Web, page: Any) -> None:
     """Each page loads (screenshots for a look); the dashboard counts the runs above."""
-    producer_for(web.broker).send_task("jobs.test_always_fails", ["dashboard"], queue="default")
+    producer = producer_for(web.broker)
+    producer.send_task("jobs.test_always_fails", ["dashboard"], queue="default")
     wait_until(lambda: web.client.zcard("jobs_service:schedule") > 0, timeout=30)
+    slow = producer.send_task(
+        "jobs.test_slow_record", [f"busy-{uuid.uuid4().hex[:8]}", 4], queue="default"
+    )
+    wait_until(lambda: web.client.hlen("jobs_service:inflight") > 0, timeout=30)
+    page.goto(web.url + "/busy")
+    assert slow.id in page.locator("main").inner_text()  # the job running now, on its worker
+    assert "jobs.test_slow_record" in page.locator("main").inner_text()
     for name, path in [
-        ("dashboard", "/"),
         ("busy", "/busy"),
+        ("dashboard", "/"),
         ("retries", "/retries"),
         ("batches", "/batches"),
         ("recurring", "/recurring"),
