@@ -19,7 +19,12 @@ class DeadLetter(Base):
     """A job that failed for good, or a message that could not run (see DEAD_LETTER_REASONS)."""
 
     __tablename__ = "dead_letters"
-    __table_args__ = (one_of("reason", DEAD_LETTER_REASONS), Index(None, "failed_at"))
+    __table_args__ = (
+        one_of("reason", DEAD_LETTER_REASONS),
+        Index(None, "failed_at"),
+        # The web view's Dead page filtered by job, newest first, a page at a time.
+        Index(None, "job_name", "id"),
+    )
 
     id: Mapped[int] = primary_key()
     task_id: Mapped[str] = mapped_column(String(255))
