@@ -51,6 +51,10 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
     outbox empty); baseline: `perform_all_later` of as many jobs outside a transaction (the
     bulk publish the relay uses) and pipelined LPUSHes of the same messages
 
+- web view (issue 18): every page of `jobs-service web` with 100,000 dead letters, 100,000
+  scheduled jobs (10,000 each with `--quick`) and 50 workers; target: each under 200 ms;
+  baseline: reading the whole store, as a page without paging would (bench/web.py)
+
 Workers log to bench/results/worker.log.
 """
 
@@ -95,6 +99,7 @@ BENCHMARKS = (
     "scheduled_poller",
     "outbox_enqueue",
     "outbox_relay",
+    "web",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -1927,6 +1932,12 @@ def bench_outbox_relay(size: int, rounds: int = 2) -> dict[str, Any]:
     }
 
 
+def bench_web(size: int, workers: int) -> dict[str, Any]:
+    from bench.web import bench_web as run
+
+    return run(size, workers)
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -2025,6 +2036,7 @@ def main() -> int:
             bench_outbox_enqueue(500 if quick else 2_000, bulk=2_000 if quick else 10_000)
         ],
         "outbox_relay": lambda: [bench_outbox_relay(10_000 if quick else 100_000)],
+        "web": lambda: [bench_web(10_000 if quick else 100_000, workers=50)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

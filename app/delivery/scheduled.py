@@ -204,7 +204,7 @@ def page(
     limit: int = 50,
     job_name: str | None = None,
     retries_only: bool = False,
-    max_scanned: int = 5000,
+    max_scanned: int = 2000,
 ) -> tuple[list[Entry], int | None]:
     """One page of waiting jobs, soonest first, from position `offset` of the set: at most
     `limit` entries, reading at most `max_scanned` members to find them (a filter never scans
@@ -219,18 +219,30 @@ def page(
         raws: Any = client.hmget(keys.schedule_messages, [m for m, _ in members])
         for (member, due), raw in zip(members, raws, strict=True):
             position += 1
-            entry = None if raw is None else _entry(bytes(member).decode(), float(due), bytes(raw))
+            if raw is None:
+                continue
+            if (job_name is not None or retries_only) and not _header_matches(
+                bytes(raw), job_name, retries_only
+            ):
+                continue  # decided on the entry's small header, the message left unparsed
+            entry = _entry(bytes(member).decode(), float(due), bytes(raw))
             if entry is None:
-                continue
-            if job_name is not None and entry.job_name != job_name:
-                continue
-            if retries_only and not entry.is_retry:
                 continue
             found.append(entry)
             if len(found) >= limit:
                 break
     more = int(client.zcard(keys.schedule)) > position
     return found, position if more else None
+
+
+def _header_matches(raw: bytes, job_name: str | None, retries_only: bool) -> bool:
+    try:
+        header = json.loads(raw.partition(b"\n")[0])
+    except ValueError:
+        return False
+    if job_name is not None and header.get("task") != job_name:
+        return False
+    return not retries_only or int(header.get("retries") or 0) > 0
 
 
 def find(client: redis.Redis, task_id: str, prefix: str = "") -> list[Entry]:

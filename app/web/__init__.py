@@ -25,6 +25,8 @@ from app.settings import ConfigError, _host, _port
 
 #: Rows per page on the long lists (dead letters, scheduled jobs, retries).
 PAGE = 50
+#: Scheduled entries a filtered page reads at most (the pager goes on from where it stopped).
+SCAN_PER_PAGE = 2000
 #: Jobs shown at the head of each queue.
 NEXT_JOBS = 5
 
@@ -304,6 +306,7 @@ def _routes(web: Flask) -> None:
             limit=PAGE,
             job_name=job_name,
             retries_only=retries_only,
+            max_scanned=SCAN_PER_PAGE,
         )
         return render_template(
             "scheduled.html",
@@ -313,6 +316,7 @@ def _routes(web: Flask) -> None:
             job=job_name or "",
             offset=offset,
             next_offset=next_offset,
+            filtered=bool(job_name) or retries_only,
         )
 
     @web.get("/scheduled")
