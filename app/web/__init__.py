@@ -27,6 +27,8 @@ from app.settings import ConfigError, _host, _port
 PAGE = 50
 #: Scheduled entries a filtered page reads at most (the pager goes on from where it stopped).
 SCAN_PER_PAGE = 2000
+#: Ids of rows (dead letters) are PostgreSQL bigints.
+MAX_ID = 2**63 - 1
 #: Jobs shown at the head of each queue.
 NEXT_JOBS = 5
 
@@ -99,6 +101,27 @@ def create_app(settings: WebSettings, secret: bytes | None = None) -> Flask:
         response.headers["Referrer-Policy"] = "same-origin"
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    @web.errorhandler(Exception)
+    def unavailable(exc: Exception) -> Any:
+        """A store that cannot be reached is one line on a 503 page, not a stack trace."""
+        from kombu.exceptions import OperationalError as BrokerUnavailable
+        from redis import RedisError
+        from sqlalchemy.exc import DBAPIError
+        from werkzeug.exceptions import HTTPException
+
+        from app.operations import NotRedis
+
+        if isinstance(exc, HTTPException):
+            return exc
+        if isinstance(exc, RedisError | BrokerUnavailable | NotRedis):
+            message = f"cannot reach the broker: {type(exc).__name__}: {exc}"
+        elif isinstance(exc, DBAPIError):
+            first = (str(exc.orig).strip().splitlines() or [""])[0]
+            message = f"database error: {type(exc.orig).__name__}: {first}"
+        else:
+            raise exc
+        return Response(message + "\n", 503, mimetype="text/plain")
 
     @web.context_processor
     def common() -> dict[str, Any]:
@@ -351,6 +374,7 @@ def _routes(web: Flask) -> None:
 
         job_name = request.args.get("job") or None
         before = request.args.get("before", type=int)
+        before = None if before is None else max(0, min(before, MAX_ID))
         with session_scope() as session:
             found = dead_letters.entries(session, limit=PAGE + 1, job_name=job_name, before=before)
             rows = [dead_letter_dict(e, full=False) for e in found[:PAGE]]
@@ -386,7 +410,7 @@ def _routes(web: Flask) -> None:
 
         if action not in ("retry", "discard"):
             abort(404)
-        ids = [int(i) for i in request.form.getlist("id") if i.isdigit()]
+        ids = [int(i) for i in request.form.getlist("id") if i.isdigit() and int(i) < MAX_ID]
         done = 0
         for entry_id in ids:
             try:
