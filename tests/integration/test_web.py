@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from app.db import session_scope
+from app.models import JobBatch
 from app.services import dead_letters
 from app.settings import redis_client_url
 from tests.integration.conftest import (
@@ -252,6 +253,15 @@ def test_every_page_renders(web: Web, page: Any) -> None:
     page.goto(web.url + "/busy")
     assert slow.id in page.locator("main").inner_text()  # the job running now, on its worker
     assert "jobs.test_slow_record" in page.locator("main").inner_text()
+    with session_scope() as session:
+        batch = JobBatch(description="<em>nightly</em> import", callbacks={}, total=10, pending=4)
+        session.add(batch)
+        session.flush()
+        batch_id = batch.id
+    page.goto(web.url + "/batches")
+    row = page.locator("tr", has_text=f"{batch_id}").filter(has_text="nightly")
+    assert row.locator("progress").get_attribute("value") == "6"
+    assert "<em>nightly</em> import" in row.inner_text()
     for name, path in [
         ("busy", "/busy"),
         ("dashboard", "/"),
