@@ -50,6 +50,14 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
     benchmark process and by two relay processes at once (each job published once, the
     outbox empty); baseline: `perform_all_later` of as many jobs outside a transaction (the
     bulk publish the relay uses) and pipelined LPUSHes of the same messages
+- job batches (issue 17; `--only job_batches`, about 2.5 minutes at the full size):
+  - membership overhead: 4,000 no-op jobs (1,000 with `--quick`) drained by one worker
+    (concurrency 2), enqueued with `perform_all_later` inside `Batch.create(on_complete=...)
+    .jobs()` (timed until the callback ran) vs the same enqueued plainly, alternated, twice
+    each; the enqueue times of both reported; every member counted once, the callback once
+  - 100,000 items (10,000): the seeded batch's 500 `process_batch_range` jobs enqueued in one
+    job batch from the benchmark process (timed until its on_complete ran) vs `batch_process`
+    (as the batch benchmark), alternated, twice each, same worker set-up; identical item states
 
 - web view (issue 18): every page of `jobs-service web` with 100,000 dead letters, 100,000
   scheduled jobs (10,000 each with `--quick`) and 50 workers; target: each under 200 ms;
@@ -100,6 +108,7 @@ BENCHMARKS = (
     "outbox_enqueue",
     "outbox_relay",
     "web",
+    "job_batches",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -294,8 +303,10 @@ def drain(
     concurrency: int,
     what: str,
     start_worker: Callable[[int], subprocess.Popen[bytes]] = worker,
+    until: Callable[[], bool] | None = None,
 ) -> float:
-    """Start a worker on `count` queued messages: seconds from its first take to the last ack."""
+    """Start a worker on `count` queued messages: seconds from its first take to the last ack
+    (or until `until()` holds, once the worker has begun)."""
     client = redis_client()
     process = start_worker(concurrency)
     try:
@@ -306,6 +317,8 @@ def drain(
             left = queued(client)
             if start is None and left < count:
                 start = time.perf_counter()  # the worker has begun
+            if until is not None:
+                return start is not None and until()
             return left == 0
 
         # Start-up, then at least 20 jobs/s (every benchmark job drains far faster).
@@ -1938,6 +1951,219 @@ def bench_web(size: int, workers: int) -> dict[str, Any]:
     return run(size, workers)
 
 
+def callbacks_of(client: Any, tag: str) -> list[float]:
+    """When the job-batch benchmark's on_complete callback tagged `tag` ran (once, if all is
+    well)."""
+    from bench.tasks import BATCH_CALLBACKS
+
+    entries = [json.loads(raw) for raw in client.lrange(BATCH_CALLBACKS, 0, -1)]
+    return [at for each, at in entries if each == tag]
+
+
+def job_batch_checked(batch: Any, members: int, client: Any, tag: str) -> bool:
+    """The job batch counted every member once, none failed, completed, and its on_complete
+    ran exactly once."""
+    done = batch.progress()
+    return (
+        (done.total, done.pending, done.failed, done.dead) == (members, 0, 0, 0)
+        and done.completed_at is not None
+        and done.succeeded_at is not None
+        and len(callbacks_of(client, tag)) == 1
+    )
+
+
+def bench_batch_membership(size: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:
+    """`size` no-op jobs drained by one worker, enqueued plainly vs as members of a job batch
+    (until its on_complete callback ran), alternated `rounds` times."""
+    from app.jobs.base import perform_all_later
+    from app.jobs.batches import Batch as JobsBatch
+    from bench.tasks import bench_batch_done, bench_noop
+
+    client = redis_client()
+    drained: dict[str, list[float]] = {"plain": [], "batch": []}
+    enqueued: dict[str, list[float]] = {"plain": [], "batch": []}
+    checks = []
+    for round_ in range(rounds):
+        client.flushdb()
+        enqueued["plain"].append(
+            timed(lambda: perform_all_later(bench_noop.s(i) for i in range(size)))
+        )
+        checks.append(queued(client) == size)
+        drained["plain"].append(drain(size, concurrency, f"draining {size} plain no-op jobs"))
+
+        client.flushdb()
+        tag = f"membership-{round_}"
+        created: list[JobsBatch] = []
+
+        def add(tag: str = tag, created: list[JobsBatch] = created) -> None:  # with its creation
+            batch = JobsBatch.create(f"bench: {size} no-ops", on_complete=bench_batch_done.s(tag))
+            with batch.jobs():
+                perform_all_later(bench_noop.s(i) for i in range(size))
+            created.append(batch)
+
+        def callback_ran(tag: str = tag) -> bool:
+            return bool(callbacks_of(client, tag))
+
+        enqueued["batch"].append(timed(add))
+        checks.append(queued(client) == size)
+        what = f"draining {size} no-op jobs of a job batch"
+        drained["batch"].append(drain(size, concurrency, what, until=callback_ran))
+        checks.append(job_batch_checked(created[0], size, client, tag))
+    plain_s, batch_s = statistics.fmean(drained["plain"]), statistics.fmean(drained["batch"])
+    ratio = batch_s / plain_s
+
+    def rates(side: str) -> str:
+        return ", ".join(f"{size / seconds:.0f}" for seconds in drained[side])
+
+    def enqueues(side: str) -> str:
+        return ", ".join(f"{seconds:.2f}" for seconds in enqueued[side])
+
+    return {
+        "name": "job batches: membership overhead",
+        "size": size,
+        "baseline": (
+            f"{size:,} bench_noop jobs, perform_all_later, one worker (concurrency "
+            f"{concurrency}): {rates('plain')} jobs/s; enqueue {enqueues('plain')} s"
+        ),
+        "measured": (
+            f"the same inside Batch.create(on_complete=...).jobs(), until on_complete ran: "
+            f"{rates('batch')} jobs/s; enqueue {enqueues('batch')} s "
+            f"({statistics.fmean(enqueued['batch']) / statistics.fmean(enqueued['plain']):.1f}x)"
+        ),
+        "ratio": round(ratio, 3),
+        "target": "<= 1.2 (time ratio, batch / plain); every member counted once, callback once",
+        "met": ratio <= 1.2 and all(checks),
+        "checked": all(checks),
+        "drain_s": {side: [round(v, 3) for v in values] for side, values in drained.items()},
+        "enqueue_s": {side: [round(v, 3) for v in values] for side, values in enqueued.items()},
+        "per_round": [
+            round(b / a, 3) for a, b in zip(drained["plain"], drained["batch"], strict=True)
+        ],
+        "note": (
+            "Each member, when it succeeds, commits one transaction of its own in the pool "
+            "process (job_finished: the member row and the batch row's counters) before its "
+            "message is acknowledged; with prefetch 1 that time adds to every job's cycle. A "
+            "no-op job that commits one UPDATE of a shared row of its own costs about as much "
+            "(see BENCHMARKS.md, issue 17)."
+        ),
+    }
+
+
+def run_job_batch(size: int, tag: str) -> tuple[float, float, float, int, bool]:
+    """Seed a domain batch and process it through a job batch on a fresh worker (concurrency 2):
+    its `process_batch_range` jobs (ranges of ITEMS_PER_JOB items, as batch_process fans out)
+    enqueued in one `jobs()` block with an on_complete callback.
+
+    Returns the seconds from the start of the fan-out until the on_complete callback ran, and
+    until the domain batch was completed, the fan-out's seconds, the domain batch id, and
+    whether the job batch counted every member once and ran its callback once.
+    """
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.jobs.base import perform_all_later
+    from app.jobs.batch_process import FANOUT_PAGE, process_batch_range
+    from app.jobs.batches import Batch as JobsBatch
+    from app.models import Batch
+    from app.services.batches import pending_ranges, start_batch
+    from bench.tasks import bench_batch_done
+
+    batch_id = seed_batch(size)
+    client = redis_client()
+    client.flushdb()
+    what = f"batch of {size} items (job batch of process_batch_range)"
+    with ready_worker(2, what) as process:
+        completed_after: float | None = None
+
+        def callback_ran() -> bool:
+            nonlocal completed_after
+            if completed_after is None:
+                with session_scope() as session:
+                    status = session.scalar(select(Batch.status).where(Batch.id == batch_id))
+                if status == "completed":
+                    completed_after = time.perf_counter() - started
+            return bool(callbacks_of(client, tag))
+
+        started = time.perf_counter()
+        with session_scope() as session:  # as batch_process does: start it, page its ranges
+            start_batch(session, batch_id)
+            ranges, after = pending_ranges(session, batch_id, 0, FANOUT_PAGE)
+            while after is not None:
+                more, after = pending_ranges(session, batch_id, after, FANOUT_PAGE)
+                ranges += more
+        jobs = JobsBatch.create(
+            f"bench: {size} items of batch {batch_id}", on_complete=bench_batch_done.s(tag)
+        )
+        with jobs.jobs():
+            perform_all_later(
+                process_batch_range.s(r.batch_id, r.first_id, r.last_id) for r in ranges
+            )
+        fanned_out = time.perf_counter() - started
+        wait_for(callback_ran, 120 + size / 200, what, process, poll=0.05)
+        elapsed = time.perf_counter() - started
+        callback_ran()
+    checked = job_batch_checked(jobs, len(ranges), client, tag)
+    return elapsed, completed_after or elapsed, fanned_out, batch_id, checked
+
+
+def bench_batch_jobs(size: int, rounds: int = 2) -> dict[str, Any]:
+    """`size` batch items through batch_process vs through a job batch of the same range jobs,
+    alternated `rounds` times; identical item states."""
+    from app.services.batches import ITEMS_PER_JOB
+
+    ours: list[float] = []
+    jobs: list[float] = []
+    jobs_completed: list[float] = []
+    fanouts: list[float] = []
+    outcomes = []
+    checks = []
+    for round_ in range(rounds):
+        seconds, _, batch_id = run_batch(size, naive=False)
+        ours.append(seconds)
+        outcomes.append(batch_outcome(batch_id))
+        seconds, completed, fanout, batch_id, checked = run_job_batch(size, f"items-{round_}")
+        jobs.append(seconds)
+        jobs_completed.append(completed)
+        fanouts.append(fanout)
+        outcomes.append(batch_outcome(batch_id))
+        checks.append(checked)
+    expected = ("completed", size, size)
+    first_items = outcomes[0][1]
+    identical = all(
+        batch == expected and items == first_items and all(i[1] != "pending" for i in items)
+        for batch, items in outcomes
+    )
+    ours_rate = size / statistics.fmean(ours)
+    jobs_rate = size / statistics.fmean(jobs)
+    ratio = jobs_rate / ours_rate
+    ranges = -(-size // ITEMS_PER_JOB)
+
+    def listed(values: list[float]) -> str:
+        return ", ".join(f"{size / s:,.0f}" for s in values)
+
+    return {
+        "name": f"job batches: {size:,} items",
+        "size": size,
+        "baseline": (
+            f"batch_process (fan-out job, {ranges} process_batch_range jobs): "
+            f"{listed(ours)} items/s ({', '.join(f'{s:.1f}' for s in ours)} s)"
+        ),
+        "measured": (
+            f"the same {ranges} process_batch_range jobs in one job batch, until its "
+            f"on_complete ran: {listed(jobs)} items/s ({', '.join(f'{s:.1f}' for s in jobs)} s; "
+            f"fan-out from the benchmark process {', '.join(f'{s:.2f}' for s in fanouts)} s; "
+            f"domain batch completed after {', '.join(f'{s:.1f}' for s in jobs_completed)} s)"
+        ),
+        "ratio": round(ratio, 3),
+        "target": ">= 0.8 (items/s, job batch / batch_process), identical item states",
+        "met": ratio >= 0.8 and identical and all(checks),
+        "identical": identical,
+        "checked": all(checks),
+        "seconds": {"batch_process": ours, "job_batch": jobs},
+        "per_round": [round(a / b, 3) for a, b in zip(ours, jobs, strict=True)],
+    }
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -2037,6 +2263,10 @@ def main() -> int:
         ],
         "outbox_relay": lambda: [bench_outbox_relay(10_000 if quick else 100_000)],
         "web": lambda: [bench_web(10_000 if quick else 100_000, workers=50)],
+        "job_batches": lambda: [
+            bench_batch_membership(1_000 if quick else 4_000),
+            bench_batch_jobs(10_000 if quick else 100_000),
+        ],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

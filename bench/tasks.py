@@ -1,7 +1,7 @@
 """Benchmark-only jobs: the no-ops the overhead benchmark drains, the low-queue backlog and
-urgent jobs of the urgent-latency benchmark, the scheduled-lateness job, and the recovery and
-drain benchmarks' jobs (the same bodies as `bench.stock_app`'s, there on stock Celery). The
-worker loads them with `--include bench.tasks`.
+urgent jobs of the urgent-latency benchmark, the scheduled-lateness job, the job batches'
+on_complete callback, and the recovery and drain benchmarks' jobs (the same bodies as
+`bench.stock_app`'s, there on stock Celery). The worker loads them with `--include bench.tasks`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from bench.keys import DUE_STARTS, HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
 
 #: The Redis list (in the benchmark's broker database) each urgent job appends its timing to.
 URGENT_STARTS = "bench:urgent_starts"
+#: The Redis list the job-batch benchmark's on_complete callback appends (tag, time) to.
+BATCH_CALLBACKS = "bench:batch_callbacks"
 
 _redis: Any = None
 _redis_pid: int | None = None
@@ -54,6 +56,12 @@ def bench_urgent(n: int, enqueued_at: float) -> None:
 def bench_due(n: int, due_at: float) -> None:
     """Record (n, due time, start time) in Redis: a scheduled job's start lateness."""
     _client().rpush(DUE_STARTS, json.dumps([n, due_at, time.time()]))
+
+
+@job("jobs.bench_batch_done", ignore_result=True)
+def bench_batch_done(tag: str) -> None:
+    """A job batch's on_complete callback: record (tag, time) in Redis, that it ran."""
+    _client().rpush(BATCH_CALLBACKS, json.dumps([tag, time.time()]))
 
 
 @celery.task(name="bench.incr", ignore_result=True)
