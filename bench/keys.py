@@ -10,3 +10,9 @@ HOLD_SECONDS = 1.5
 INCR_COUNTER = "bench:incr"
 #: The Redis list each scheduled-lateness job appends (n, due time, start time) to.
 DUE_STARTS = "bench:due_starts"
+#: The counter each flow-control overhead job increments.
+FLOW_COUNTER = "bench:flow"
+#: The Redis list each key-limited flow job appends (task id, n, worker, pid, start, end) to.
+FLOW_SPANS = "bench:flow_spans"
+#: How long each key-limited flow job takes.
+FLOW_SERIAL_SECONDS = 0.02

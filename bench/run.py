@@ -62,6 +62,21 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
 - web view (issue 18): every page of `jobs-service web` with 100,000 dead letters, 100,000
   scheduled jobs (10,000 each with `--quick`) and 50 workers; target: each under 200 ms;
   baseline: reading the whole store, as a page without paging would (bench/web.py)
+- flow control (the flow-control issue), each against the same jobs with no control:
+  - overhead (`flow_overhead`): one worker (concurrency 2, default settings) draining 6,000
+    jobs (1,000 with `--quick`) that INCR a counter, with no control and under each control
+    set so that it never bites: `limits_concurrency=Limit(to=1000)`,
+    `rate_limit=Rate(1_000_000, per=1)`, `unique_for=60` with a key per job, and
+    `expires_in=3600`; in batches of 500 (250), one batch a side per cycle, the order rotated
+    each cycle; jobs/s, the ratio to no control, the overhead in ms a job and the CPU time a
+    job of the worker's main process and of Redis; every batch checked (every job once,
+    nothing left held). Then the producer's cost of `unique_for` (one claim round trip a
+    job): `.delay()` loops of 333 jobs (250) without and with it, alternated, 12 times (4),
+    and the drain batches' timed `perform_all_later` publishes
+  - a key limited to 1 (`flow_serial`): 200 (50) jobs of 20 ms under `Limit(to=1)` (one key),
+    drained by two workers at concurrency 4, twice (once); the time from the enqueue to the
+    last job's end against the ideal of running them back to back (200 x 20 ms), with every
+    job run exactly once and never two at a time (each records its start and end)
 
 Workers log to bench/results/worker.log.
 """
@@ -72,6 +87,7 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import itertools
 import json
 import os
 import platform
@@ -109,6 +125,8 @@ BENCHMARKS = (
     "outbox_relay",
     "web",
     "job_batches",
+    "flow_overhead",
+    "flow_serial",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -2164,6 +2182,452 @@ def bench_batch_jobs(size: int, rounds: int = 2) -> dict[str, Any]:
     }
 
 
+# Flow control (the flow-control issue) ---------------------------------------------------------
+
+#: The flow-control overhead benchmark's sides: what each is under, and its job (bench.tasks).
+#: Every job has the same body (INCR a counter); the limits are set so they never bite.
+FLOW_SIDES = {
+    "none": ("no control", "bench_flow_none"),
+    "limit": ("limits_concurrency=Limit(to=1000)", "bench_flow_limited"),
+    "rate": ("rate_limit=Rate(1_000_000, per=1)", "bench_flow_rated"),
+    "unique": ("unique_for=60, a key of its own per job", "bench_flow_unique"),
+    "expires": ("expires_in=3600", "bench_flow_expiring"),
+}
+#: The key-limited benchmark's workers and their concurrency.
+FLOW_SERIAL_WORKERS = 2
+FLOW_SERIAL_CONCURRENCY = 4
+
+
+def flow_job(side: str) -> Any:
+    import bench.tasks
+
+    return getattr(bench.tasks, FLOW_SIDES[side][1])
+
+
+def flow_leftovers(client: Any) -> dict[str, int]:
+    """What flow control still holds: unique keys, concurrency slots and waiters, limits in
+    use, rate deferrals, and jobs in the scheduled set (all 0 once every job has run)."""
+    from app.delivery.records import Keys
+
+    keys = Keys()
+
+    def matching(pattern: str) -> list[bytes]:
+        return list(client.scan_iter(match=pattern, count=1000))
+
+    limit_keys = matching(keys.limit + "*")
+    rate_keys = matching(keys.rate + "*")
+    return {
+        "unique_keys": len(matching(keys.unique + "*")),
+        "slots": sum(int(client.zcard(k)) for k in limit_keys if not k.endswith(b":waiting")),
+        "waiting": sum(int(client.llen(k)) for k in limit_keys if k.endswith(b":waiting")),
+        "limits": int(client.hlen(keys.limits)),
+        "rate_deferred": sum(int(client.zcard(k)) for k in rate_keys if k.endswith(b":deferred")),
+        "scheduled": int(client.zcard(keys.schedule)),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (0 if it has ended)."""
+    try:
+        # The command name (2nd field) may hold spaces: the fields after it are plain.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a worker's pool)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return children
+
+
+def flow_cpu(client: Any, pid: int, pool: list[int]) -> dict[str, float]:
+    """CPU seconds so far of a worker's main process, of its pool, and of the Redis server."""
+    info: Any = client.info("cpu")
+    return {
+        "main": cpu_seconds(pid),
+        "pool": sum(cpu_seconds(child) for child in pool),
+        "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+    }
+
+
+def flow_batch(
+    client: Any, process: subprocess.Popen[bytes], pool: list[int], side: str, count: int
+) -> dict[str, Any]:
+    """One batch of `count` jobs of a side through a running worker: published with
+    `perform_all_later` (timed) while the queue is paused, then the queue resumed and the
+    drain timed from the worker's first take to the last acknowledgement, with the CPU time
+    its main process, its pool and Redis spent meanwhile; checks that each job ran once and
+    that nothing is left held."""
+    from app.delivery import records
+    from app.jobs.base import perform_all_later
+    from bench.keys import FLOW_COUNTER
+
+    job = flow_job(side)
+    what = f"flow overhead: {count} {job.name}"
+    ran_before = int(client.get(FLOW_COUNTER) or 0)
+    records.pause(client, "default")
+    enqueue_s = timed(lambda: perform_all_later(job.s(i) for i in range(count)))
+    if queued(client) != count:
+        raise RuntimeError(f"{what}: {queued(client)} queued")
+    records.resume(client, "default")
+    wait_for(lambda: queued(client) < count, 30, what, process, poll=0.001)
+    started = time.perf_counter()
+    before = flow_cpu(client, process.pid, pool)
+    wait_for(lambda: queued(client) == 0, 60 + count / 20, what, process, poll=0.002)
+    seconds = time.perf_counter() - started
+    after = flow_cpu(client, process.pid, pool)
+    # A limit's slots are freed just after the acknowledgement: give them a moment.
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not any(flow_leftovers(client).values()), 5, what)
+    check: dict[str, Any] = {
+        "side": side,
+        "jobs": count,
+        "ran": int(client.get(FLOW_COUNTER) or 0) - ran_before,
+    }
+    check.update(flow_leftovers(client))
+    check["ok"] = check["ran"] == count and not any(
+        v for k, v in check.items() if k not in ("side", "jobs", "ran", "ok")
+    )
+    return {
+        "rate": count / seconds,
+        "enqueue_rate": count / enqueue_s,
+        "cpu_ms": {part: (after[part] - before[part]) * 1000 / count for part in after},
+        "check": check,
+    }
+
+
+def flow_enqueue_loop(side: str, count: int) -> float:
+    """Seconds per job of a `.delay()` loop of `count` jobs of a side; each must be queued
+    (and, unique, hold its key)."""
+    from app.delivery.records import Keys
+
+    job = flow_job(side)
+    client = redis_client()
+    client.flushdb()
+    seconds = timed(lambda: [job.delay(i) for i in range(count)]) / count
+    published = int(client.llen("default"))
+    claimed = sum(1 for _ in client.scan_iter(match=Keys().unique + "*", count=1000))
+    if published != count or claimed != (count if side == "unique" else 0):
+        raise RuntimeError(
+            f"flow enqueue ({side}): {published} of {count} queued, {claimed} unique keys"
+        )
+    client.flushdb()
+    return seconds
+
+
+def bench_flow_overhead(count: int, cycles: int, enqueue_count: int) -> list[dict[str, Any]]:
+    """Each control's cost against the same job with none: one worker (concurrency 2, default
+    settings) draining `count` jobs of each side, in `cycles` batches a side; each cycle runs
+    one batch of every side, the order rotated from cycle to cycle, so that a burst of other
+    load on the machine weighs on neighbouring batches of every side alike. Then the
+    producer's `.delay()` loop of `enqueue_count` jobs, with and without `unique_for`, in
+    alternating batches."""
+    concurrency = 2
+    batch = count // cycles
+    sides = list(FLOW_SIDES)
+    controls = [side for side in sides if side != "none"]
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    enqueue_rates: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, dict[str, list[float]]] = {
+        side: {"main": [], "pool": [], "redis": []} for side in sides
+    }
+    checks = []
+    client = redis_client()
+    client.flushdb()
+    process = worker(concurrency)
+    try:
+        # Warm the worker (start-up, its pool, every job and script) with a batch of each.
+        wait_for(lambda: len(child_pids(process.pid)) >= concurrency, 120, "flow", process)
+        pool = child_pids(process.pid)
+        for side in sides:
+            flow_batch(client, process, pool, side, 50)
+        for cycle in range(cycles):
+            for side in sides[cycle % len(sides) :] + sides[: cycle % len(sides)]:
+                run = flow_batch(client, process, pool, side, batch)
+                rates[side].append(run["rate"])
+                enqueue_rates[side].append(run["enqueue_rate"])
+                for part, ms in run["cpu_ms"].items():
+                    cpu[side][part].append(ms)
+                checks.append(run["check"])
+    finally:
+        stop_worker(process)
+    client.flushdb()
+    # Per side: jobs over the time all its batches took (the batches are the same size).
+    mean = {side: len(values) / sum(1 / r for r in values) for side, values in rates.items()}
+    base = mean["none"]
+    cycle_ratios = {
+        side: [ours / theirs for ours, theirs in zip(rates[side], rates["none"], strict=True)]
+        for side in controls
+    }
+    median_ratio = {side: statistics.median(values) for side, values in cycle_ratios.items()}
+    cpu_mean = {
+        side: {part: statistics.fmean(values) for part, values in parts.items()}
+        for side, parts in cpu.items()
+    }
+
+    def per_job_ms(side: str) -> float:
+        return (1 / mean[side] - 1 / base) * 1000
+
+    def cpu_extra(side: str, part: str) -> float:
+        return cpu_mean[side][part] - cpu_mean["none"][part]
+
+    def spread(side: str) -> str:
+        return f"{min(rates[side]):.0f}-{max(rates[side]):.0f}"
+
+    drain_result = {
+        "name": "flow control: per-job overhead (drain)",
+        "size": count,
+        "baseline": (
+            f"{FLOW_SIDES['none'][0]} ({count:,} jobs in {cycles} batches, one worker, "
+            f"concurrency {concurrency}): {base:.0f} jobs/s (batches {spread('none')}); CPU "
+            f"a job: worker main process {cpu_mean['none']['main']:.3f} ms, Redis "
+            f"{cpu_mean['none']['redis']:.3f} ms"
+        ),
+        "measured": "; ".join(
+            f"{FLOW_SIDES[side][0]}: {mean[side]:.0f} jobs/s ({mean[side] / base:.3f}, median "
+            f"of batch ratios {median_ratio[side]:.3f}; {per_job_ms(side):+.3f} ms/job; CPU "
+            f"main {cpu_extra(side, 'main'):+.3f}, Redis {cpu_extra(side, 'redis'):+.3f} ms/job)"
+            for side in controls
+        ),
+        "ratio": round(min(mean[side] for side in controls) / base, 3),
+        "target": "every job ran once, nothing left held (rates reported; ratio: the slowest "
+        "control's jobs/s / no control's)",
+        "met": all(c["ok"] for c in checks),
+        "jobs_per_s": {side: [round(r, 1) for r in values] for side, values in rates.items()},
+        "mean_jobs_per_s": {side: round(rate, 1) for side, rate in mean.items()},
+        "ratio_to_none": {side: round(mean[side] / base, 3) for side in controls},
+        "median_batch_ratio": {side: round(r, 3) for side, r in median_ratio.items()},
+        "overhead_ms_per_job": {side: round(per_job_ms(side), 3) for side in controls},
+        "cpu_ms_per_job": {
+            side: {part: round(v, 4) for part, v in parts.items()}
+            for side, parts in cpu_mean.items()
+        },
+        "cpu_ms_per_job_batches": {
+            side: {part: [round(v, 3) for v in values] for part, values in parts.items()}
+            for side, parts in cpu.items()
+        },
+        "cpu_extra_ms_per_job": {
+            side: {part: round(cpu_extra(side, part), 4) for part in ("main", "pool", "redis")}
+            for side in controls
+        },
+        "checks": [c for c in checks if not c["ok"]] or "all passed",
+        "note": (
+            f"One service worker (default settings, prefork concurrency {concurrency}, queues "
+            f"{WORKER_QUEUES}) runs throughout, warmed by 50 jobs of each side. Each batch: "
+            f"{batch:,} jobs of the side's job (bench.tasks: INCR a Redis counter, the same "
+            "body for every side) published with perform_all_later while `default` is "
+            "paused, then resumed and timed from the worker's first take to the last "
+            f"acknowledgement. {cycles} cycles of one batch a side, the order rotated each "
+            "cycle. jobs/s: a side's jobs over its batches' time; ms/job: 1/rate - 1/rate "
+            "without control; the median of batch ratios compares each batch with the "
+            "no-control batch of its cycle. CPU a job: user + system time over the batches "
+            "(/proc for the worker's main process and its pool, INFO cpu for Redis, whose "
+            "figure includes the benchmark's own polling, alike on every side), less that "
+            "of no control; pool CPU extra a job: "
+            + ", ".join(f"{side} {cpu_extra(side, 'pool'):+.3f} ms" for side in controls)
+            + ". A batch passes when the counter shows every job once and no unique key, "
+            "concurrency slot, waiter, limit, rate deferral or scheduled job is left."
+        ),
+    }
+
+    loop: dict[str, list[float]] = {"none": [], "unique": []}
+    loop_batch = enqueue_count // cycles
+    for side in ("none", "unique"):  # warm both paths (connections, script caches)
+        flow_enqueue_loop(side, 100)
+    for _ in range(cycles):
+        for side in ("none", "unique"):
+            loop[side].append(flow_enqueue_loop(side, loop_batch))
+    loop_mean = {side: statistics.fmean(values) for side, values in loop.items()}
+    loop_median = statistics.median(
+        theirs / ours for ours, theirs in zip(loop["unique"], loop["none"], strict=True)
+    )
+    bulk_mean = {
+        side: len(values) / sum(1 / r for r in values) for side, values in enqueue_rates.items()
+    }
+    enqueue_result = {
+        "name": "flow control: enqueue with unique_for",
+        "size": loop_batch * cycles,
+        "baseline": (
+            f".delay() loop, no control ({loop_batch * cycles:,} jobs in {cycles} batches): "
+            f"{1 / loop_mean['none']:.0f} jobs/s; perform_all_later ({batch:,} a call): "
+            f"{bulk_mean['none']:,.0f} jobs/s"
+        ),
+        "measured": (
+            f".delay() loop, unique_for=60 (a key per job): {1 / loop_mean['unique']:.0f} "
+            f"jobs/s ({(loop_mean['unique'] - loop_mean['none']) * 1e6:+.0f} us/job, median "
+            f"of batch ratios {loop_median:.3f}); perform_all_later: "
+            f"{bulk_mean['unique']:,.0f} jobs/s "
+            f"({(1 / bulk_mean['unique'] - 1 / bulk_mean['none']) * 1e6:+.0f} us/job)"
+        ),
+        "ratio": round(loop_mean["none"] / loop_mean["unique"], 3),
+        "target": "every job queued once, each unique one holding its key (rates reported; "
+        "ratio: unique / no control jobs/s, .delay() loop)",
+        "met": True,
+        "delay_loop_us_per_job": {
+            side: [round(s * 1e6, 1) for s in values] for side, values in loop.items()
+        },
+        "perform_all_later_jobs_per_s": {side: round(r) for side, r in bulk_mean.items()},
+        "note": (
+            f"The .delay() loops alternate batches of {loop_batch:,} without "
+            f"control and with unique_for, {cycles} of each, from the benchmark process, each "
+            "checked (every job queued, each unique job's key held). The perform_all_later "
+            "figures are the drain batches' timed publishes (limit "
+            f"{bulk_mean['limit']:,.0f}, rate {bulk_mean['rate']:,.0f}, expires "
+            f"{bulk_mean['expires']:,.0f} jobs/s: those controls cost nothing at enqueue but "
+            "a header for expires_in). Each unique job is claimed with an EVAL of its own, one "
+            "round trip a job, in perform_all_later as in .delay()."
+        ),
+    }
+    return [drain_result, enqueue_result]
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most spans running at one time (an end at the same instant as a start comes first)."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def flow_workers_ready(client: Any, processes: list[subprocess.Popen[bytes]], count: int) -> None:
+    """Wait until `count` workers beat in the heartbeat records (each polls its queues)."""
+    from app.delivery.records import Keys
+
+    workers = Keys().workers
+
+    def ready() -> bool:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"flow serial: a worker exited (see {WORKER_LOG})")
+        return int(client.zcard(workers)) >= count
+
+    wait_for(ready, 120, "flow serial: workers' start-up")
+
+
+def flow_serial_run(count: int) -> dict[str, Any]:
+    """One run: `count` jobs of FLOW_SERIAL_SECONDS under `Limit(to=1)` (one key), published
+    at once when FLOW_SERIAL_WORKERS fresh workers are up, until every job has run."""
+    from app.jobs.base import perform_all_later
+    from bench.keys import FLOW_SERIAL_SECONDS, FLOW_SPANS
+    from bench.tasks import bench_flow_serial
+
+    client = redis_client()
+    client.flushdb()
+    processes = [
+        celery_worker(False, FLOW_SERIAL_CONCURRENCY, hostname=f"flow{i}@%h")
+        for i in range(FLOW_SERIAL_WORKERS)
+    ]
+    try:
+        flow_workers_ready(client, processes, FLOW_SERIAL_WORKERS)
+        time.sleep(1)  # their pools up too
+        started = time.time()
+        perform_all_later(bench_flow_serial.s(i) for i in range(count))
+        enqueued = time.time()
+
+        def done() -> bool:
+            return int(client.llen(FLOW_SPANS)) >= count and queued(client) == 0
+
+        wait_for(done, 60 + count * FLOW_SERIAL_SECONDS * 20, "flow serial: the jobs")
+        time.sleep(0.5)  # anything run twice would show up
+        leftovers = flow_leftovers(client)
+    finally:
+        for process in processes:
+            stop_worker(process)
+    raw: Any = client.lrange(FLOW_SPANS, 0, -1)
+    client.flushdb()
+    spans = [json.loads(item) for item in raw]
+    ids = [s[0] for s in spans]
+    runs = sorted((s[4], s[5]) for s in spans)
+    per_worker: dict[str, int] = {}
+    for s in spans:
+        per_worker[s[2]] = per_worker.get(s[2], 0) + 1
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
+    return {
+        "seconds": max(end for _, end in runs) - started,
+        "enqueue_ms": (enqueued - started) * 1000,
+        "first_start_ms": (runs[0][0] - started) * 1000,
+        "mean_job_ms": statistics.fmean(end - start for start, end in runs) * 1000,
+        "gap_ms": {
+            "p50": round(percentile(gaps, 50) * 1000, 2),
+            "p90": round(percentile(gaps, 90) * 1000, 2),
+            "p99": round(percentile(gaps, 99) * 1000, 2),
+            "max": round(max(gaps) * 1000, 2),
+        },
+        "max_overlap": max_overlap(runs),
+        "runs": len(spans),
+        "once": len(ids) == len(set(ids)) == count
+        and sorted(s[1] for s in spans) == list(range(count)),
+        "per_worker": per_worker,
+        "leftovers": leftovers,
+    }
+
+
+def bench_flow_serial(count: int, rounds: int = 2) -> dict[str, Any]:
+    """`count` jobs of FLOW_SERIAL_SECONDS under `Limit(to=1)` (one key), drained by two
+    workers at concurrency 4, `rounds` times: wall time against the ideal of running them
+    back to back, with every job run once and never two at a time."""
+    from bench.keys import FLOW_SERIAL_SECONDS
+
+    results = [flow_serial_run(count) for _ in range(rounds)]
+    ideal = count * FLOW_SERIAL_SECONDS
+    seconds = [r["seconds"] for r in results]
+    overlap = max(r["max_overlap"] for r in results)
+    once = all(r["once"] for r in results)
+    clean = not any(v for r in results for v in r["leftovers"].values())
+
+    def each(text: Callable[[dict[str, Any]], str]) -> str:
+        return "; ".join(text(r) for r in results)
+
+    return {
+        "name": "flow control: a key limited to 1",
+        "size": count,
+        "baseline": (
+            f"ideal serial execution: {count} x {FLOW_SERIAL_SECONDS * 1000:.0f} ms = "
+            f"{ideal:.2f} s ({1 / FLOW_SERIAL_SECONDS:.0f} jobs/s)"
+        ),
+        "measured": (
+            f"Limit(to=1), {FLOW_SERIAL_WORKERS} workers x concurrency "
+            f"{FLOW_SERIAL_CONCURRENCY}, from the enqueue to the last end: "
+            + ", ".join(f"{s:.2f} s ({count / s:.1f} jobs/s)" for s in seconds)
+            + "; gap from one job's end to the next one's start p50/p99/max "
+            + each(lambda r: "{p50:.1f}/{p99:.1f}/{max:.1f} ms".format(**r["gap_ms"]))
+            + f"; max overlap {overlap}, every job once: {'yes' if once else 'NO'}"
+        ),
+        "ratio": round(ideal / statistics.fmean(seconds), 3),
+        "target": "max overlap 1, every job once, nothing left held (ratio: ideal / actual "
+        "time, reported)",
+        "met": overlap == 1 and once and clean,
+        "seconds": [round(s, 3) for s in seconds],
+        "ratios": [round(ideal / s, 3) for s in seconds],
+        "results": results,
+        "note": (
+            f"{count} bench_flow_serial jobs (sleep {FLOW_SERIAL_SECONDS * 1000:.0f} ms, "
+            "limits_concurrency=Limit(to=1, duration=120), one key) published with "
+            f"perform_all_later once two fresh service workers (concurrency "
+            f"{FLOW_SERIAL_CONCURRENCY} each, default settings) were beating; each job "
+            f"records (task id, n, worker, pid, start, end). {rounds} runs. Actual time is from "
+            "the start of the enqueue to the last job's end; the jobs took "
+            + each(lambda r: f"{r['mean_job_ms']:.1f}")
+            + " ms on average, the first started "
+            + each(lambda r: f"{r['first_start_ms']:.0f}")
+            + " ms after the enqueue began; jobs run per worker: "
+            + each(lambda r: ", ".join(f"{w} {n}" for w, n in sorted(r["per_worker"].items())))
+            + ". Passes when no two runs overlap, each job ran exactly once and no slot, "
+            "waiter or scheduled job is left."
+        ),
+    }
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -2267,6 +2731,12 @@ def main() -> int:
             bench_batch_membership(1_000 if quick else 4_000),
             bench_batch_jobs(10_000 if quick else 100_000),
         ],
+        "flow_overhead": lambda: bench_flow_overhead(
+            1_000 if quick else 6_000,
+            cycles=4 if quick else 12,
+            enqueue_count=1_000 if quick else 4_000,
+        ),
+        "flow_serial": lambda: [bench_flow_serial(50 if quick else 200, rounds=1 if quick else 2)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

@@ -1,7 +1,8 @@
 """Benchmark-only jobs: the no-ops the overhead benchmark drains, the low-queue backlog and
 urgent jobs of the urgent-latency benchmark, the scheduled-lateness job, the job batches'
-on_complete callback, and the recovery and drain benchmarks' jobs (the same bodies as
-`bench.stock_app`'s, there on stock Celery). The worker loads them with `--include bench.tasks`.
+on_complete callback, the recovery and drain benchmarks' jobs (the same bodies as
+`bench.stock_app`'s, there on stock Celery), and the flow-control benchmark's jobs (one body,
+one job per control). The worker loads them with `--include bench.tasks`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ import time
 from typing import Any
 
 from app import celery
+from app.delivery.flow import Limit, Rate
 from app.jobs.base import job
 from app.settings import redis_client_url
-from bench.keys import DUE_STARTS, HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
+from bench.keys import (
+    DUE_STARTS,
+    FLOW_COUNTER,
+    FLOW_SERIAL_SECONDS,
+    FLOW_SPANS,
+    HOLD_SECONDS,
+    HOLD_STARTS,
+    INCR_COUNTER,
+)
 
 #: The Redis list (in the benchmark's broker database) each urgent job appends its timing to.
 URGENT_STARTS = "bench:urgent_starts"
@@ -77,6 +87,57 @@ def hold(self: Any, n: int) -> None:
         HOLD_STARTS, json.dumps([self.request.id, n, self.request.hostname, time.time()])
     )
     time.sleep(HOLD_SECONDS)
+
+
+# Flow control: the same body (INCR a counter) under each control, and none. The limits are
+# set so that they never bite: what is measured is what deciding them costs.
+
+
+@job("jobs.bench_flow_none", ignore_result=True)
+def bench_flow_none(n: int) -> None:
+    """Count one execution, with no flow control: the baseline."""
+    _client().incr(FLOW_COUNTER)
+
+
+@job("jobs.bench_flow_limited", limits_concurrency=Limit(to=1000), ignore_result=True)
+def bench_flow_limited(n: int) -> None:
+    """Count one execution under a concurrency limit it never reaches (admission only)."""
+    _client().incr(FLOW_COUNTER)
+
+
+@job("jobs.bench_flow_rated", rate_limit=Rate(1_000_000, per=1), ignore_result=True)
+def bench_flow_rated(n: int) -> None:
+    """Count one execution under a rate limit it never reaches (admission only)."""
+    _client().incr(FLOW_COUNTER)
+
+
+@job("jobs.bench_flow_unique", unique_for=60, unique_key=lambda n: n, ignore_result=True)
+def bench_flow_unique(n: int) -> None:
+    """Count one execution as a unique job whose key is its own (never refused)."""
+    _client().incr(FLOW_COUNTER)
+
+
+@job("jobs.bench_flow_expiring", expires_in=3600, ignore_result=True)
+def bench_flow_expiring(n: int) -> None:
+    """Count one execution of a job that expires an hour after it was enqueued (never)."""
+    _client().incr(FLOW_COUNTER)
+
+
+@job(
+    "jobs.bench_flow_serial",
+    limits_concurrency=Limit(to=1, duration=120),
+    ignore_result=True,
+)
+def bench_flow_serial(n: int) -> None:
+    """One at a time across every worker: record (task id, n, worker, pid, start, end) after
+    FLOW_SERIAL_SECONDS of work."""
+    started = time.time()
+    time.sleep(FLOW_SERIAL_SECONDS)
+    ended = time.time()
+    request = bench_flow_serial.request
+    _client().rpush(
+        FLOW_SPANS, json.dumps([request.id, n, request.hostname, os.getpid(), started, ended])
+    )
 
 
 def _client() -> Any:
