@@ -175,7 +175,8 @@ local function clock()
 end
 
 -- Hands free slots of `slots` to the head of its waiting list, moving each one's scheduled
--- message to its queue; a waiter whose message left the set (deleted, run now) is skipped.
+-- message to the head of its queue; a waiter whose message left the set (deleted, run now)
+-- is skipped.
 local function handover(slots, to, span, now)
   local waiting = slots .. ':waiting'
   while redis.call('ZCARD', slots) < to do
@@ -188,7 +189,9 @@ local function handover(slots, to, span, now)
     if entry then
       local cut = string.find(entry, '\\n', 1, true)
       local header = cjson.decode(string.sub(entry, 1, cut - 1))
-      redis.call('LPUSH', header.key, string.sub(entry, cut + 1))
+      -- At the head of its queue (workers take from the right): its slot is reserved, so it
+      -- must not wait behind the backlog of other jobs.
+      redis.call('RPUSH', header.key, string.sub(entry, cut + 1))
       redis.call('HDEL', KEYS[2], waiter[1])
       redis.call('ZREM', KEYS[1], waiter[1])
       redis.call('ZADD', slots, now + span, '|' .. waiter[2])

@@ -78,3 +78,16 @@ def test_a_waiter_whose_scheduled_entry_is_gone_is_skipped_and_an_idle_limit_for
     assert client.llen("default") == 0
     assert not client.exists(SLOTS, SLOTS + ":waiting")
     assert not client.hexists(KEYS.limits, SLOTS)
+
+
+def test_a_job_handed_a_slot_goes_to_the_head_of_its_queue_not_behind_the_backlog(
+    client: redis.Redis,
+) -> None:
+    now = scheduled.now_in_redis(client)
+    client.lpush("default", *[f'{{"id":"backlog-{i}"}}' for i in range(3)])
+    client.zadd(KEYS.workers, {"w": now})
+    client.zadd(SLOTS, {"w|t1": now + 60})
+    wait_for_slot(client, "t2", now + 60)
+    client.eval(flow.RELEASE, 3, KEYS.schedule, KEYS.schedule_messages, KEYS.limits, "w|t1", SLOTS)
+    head = client.lindex("default", -1)  # the next one a worker takes
+    assert head is not None and json.loads(head)["id"] == "t2"
