@@ -256,3 +256,73 @@ def test_two_runs_of_one_import_wait_for_each_other_instead_of_retrying_on_the_r
     assert "deferred by its concurrency limit" in text
     assert "ImportInProgress" not in text
     assert reload(Import, import_id).rows_imported == 40_000
+
+
+def raw_envelope(task: str, body: Any, headers: dict[str, Any] | None) -> bytes:
+    """kombu's Redis envelope built by hand, as a producer in another language would."""
+    import base64
+    import uuid
+
+    return json.dumps(
+        {
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers or {},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_info": {"exchange": "", "routing_key": "default"},
+                "delivery_mode": 2,
+                "delivery_tag": str(uuid.uuid4()),
+                "priority": 0,
+            },
+        }
+    ).encode()
+
+
+def test_hand_built_messages_for_controlled_jobs_cannot_stop_the_worker_or_get_lost(
+    services: Services, tmp_path: Path
+) -> None:
+    """Raw bytes pushed into Redis for jobs under flow control: arguments the key function
+    cannot take, flow headers of the wrong type, a batch that does not exist, Celery 3's
+    protocol 1. Each is run or accounted for, and the worker goes on."""
+    import uuid
+
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+    def protocol_2(task: str, args: list[Any], **extra: Any) -> tuple[str, bytes]:
+        task_id = str(uuid.uuid4())
+        headers = {"lang": "py", "task": task, "id": task_id, "retries": 0, **extra}
+        return task_id, raw_envelope(task, [args, {}, embed], headers)
+
+    bad_arity_id, bad_arity = protocol_2("jobs.test_limited", ["only-one-argument"])
+    odd_id, odd_headers = protocol_2(
+        "jobs.test_serial",
+        ["odd-headers", 0],
+        job_batch="not-a-batch",
+        job_expires_at="soon",
+        job_unique_key=5,
+    )
+    ghost_id, ghost_batch = protocol_2("jobs.test_serial", ["no-such-batch", 0], job_batch=999_999)
+    old_id = str(uuid.uuid4())
+    protocol_1 = raw_envelope(
+        "jobs.test_serial",
+        {"task": "jobs.test_serial", "id": old_id, "args": ["protocol-1", 0], "kwargs": {}},
+        None,
+    )
+    good_id, good = protocol_2("jobs.test_serial", ["good", 0])
+    for raw in (bad_arity, odd_headers, ghost_batch, protocol_1, good):
+        client.lpush("default", raw)
+    with workers(worker_env(services, broker), tmp_path, 1) as (worker,):
+        wait_until(lambda: client.llen(FLOW_KEY) >= 4, timeout=60)
+        wait_until(lambda: bad_arity_id in worker.log.read_text(), timeout=30)
+        wait_until(lambda: settled(client), timeout=30)
+        assert worker.process is not None and worker.process.poll() is None
+    assert {e["id"] for e in spans(client)} == {odd_id, ghost_id, old_id, good_id}
+    log = worker.log.read_text()
+    assert f"job discarded jobs.test_limited[{bad_arity_id}]" in log  # bad arguments: discarded
+    # The key function could not take its arguments: admitted without limits, then discarded.
+    assert "could not work out the flow controls of a message" in log
