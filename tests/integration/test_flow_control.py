@@ -199,6 +199,8 @@ def test_a_sigkilled_workers_slots_and_unique_key_come_back(
             # The dead worker's slots came back through recovery (5 s without a heartbeat),
             # not through their 120 s duration.
             assert short["start"] - crashed < 60
+            # (released once the rerun has returned, a moment after it recorded its run)
+            wait_until(lambda: not client.exists(KEYS.unique + "jobs.test_unique:kill"), 30)
             assert unique.apply_async(["kill", 0], producer=producer).id != unique_id
             wait_until(lambda: client.llen(FLOW_KEY) == 5, timeout=30)
             wait_until(lambda: settled(client), timeout=30)
