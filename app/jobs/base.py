@@ -236,16 +236,10 @@ class Job(Task):  # type: ignore[misc]
         if not retry and _batch_collects([prepared]):  # published when its jobs() block ends
             return self.AsyncResult(prepared.task_id)
 
-        def deliver() -> None:
+        if retry:  # delivered at once: the scope it was raised in is rolling back
             _deliver([prepared], producer)
-
-        # A retry is delivered at once: the scope it was raised in is rolling back.
-        if retry or (not _through_outbox([prepared], producer) and not after_commit(deliver)):
-            try:
-                deliver()
-            except BaseException:
-                _release_unique(prepared)
-                raise
+        else:
+            enqueue_prepared([prepared], producer)
         return self.AsyncResult(prepared.task_id)
 
     def perform_later(self, *args: Any, **kwargs: Any) -> AsyncResult:
@@ -370,13 +364,7 @@ class Job(Task):  # type: ignore[misc]
         queue = _delivered_queue(request)
         if queue in QUEUES:
             options["queue"] = queue
-        prepared = self.prepare(args, kwargs, request.id, **options)
-
-        def deliver() -> None:
-            _deliver([prepared])
-
-        if not _through_outbox([prepared]) and not after_commit(deliver):
-            deliver()
+        enqueue_prepared([self.prepare(args, kwargs, request.id, **options)])
 
     def _skip_expired(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         request = self.request
@@ -712,13 +700,19 @@ def _batch_member_failed(batch: int | None, request: Any) -> None:
 
 def enqueue_prepared(prepared: Sequence[Prepared], producer: Any = None) -> None:
     """Enqueue checked jobs under the enqueue-after-commit contract: through the outbox inside
-    an open `session_scope`, after its commit while a test captures, else at once."""
+    an open `session_scope`, after its commit while a test captures, else at once (releasing
+    their unique keys if that publish fails)."""
 
     def deliver() -> None:
         _deliver(prepared, producer)
 
     if not _through_outbox(prepared, producer) and not after_commit(deliver):
-        deliver()
+        try:
+            deliver()
+        except BaseException:
+            for item in prepared:
+                _release_unique(item)
+            raise
 
 
 def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
@@ -748,16 +742,8 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
     if prepared and _batch_collects(prepared):
         return [celery_app.AsyncResult(task_id) for task_id in ids]
 
-    def deliver() -> None:
-        _deliver(prepared)
-
-    if prepared and not _through_outbox(prepared) and not after_commit(deliver):
-        try:
-            deliver()
-        except BaseException:
-            for item in prepared:
-                _release_unique(item)
-            raise
+    if prepared:
+        enqueue_prepared(prepared)
     return [celery_app.AsyncResult(task_id) for task_id in ids]
 
 
