@@ -78,6 +78,7 @@ class Settings:
     heartbeat_timeout: float
     poison_after: int
     outbox_relay: bool
+    task_events: bool
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -317,6 +318,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         poison_after=_count(env, "POISON_AFTER", 3),
         outbox_relay=_choice(env, "OUTBOX_RELAY", ("true", "false"), "true") == "true",
+        task_events=_choice(env, "TASK_EVENTS", ("true", "false"), "false") == "true",
     )
 
 

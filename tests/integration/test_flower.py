@@ -83,8 +83,16 @@ def flower(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 worker_env(services, broker),
                 tmp_path / "worker.log",
             ):
+                producer = Celery("producer", broker=broker)
+                # Task events are off by default (TASK_EVENTS); Flower turns them on in the
+                # workers it sees with a periodic broadcast. Wait until this worker says they
+                # are on, so the job's events are not sent before Flower's broadcast lands.
+                wait_until(
+                    lambda: bool(producer.control.enable_events(reply=True, timeout=1)),
+                    timeout=60,
+                )
                 product = make_product(inventory=0)
-                result = Celery("producer", broker=broker).send_task(
+                result = producer.send_task(
                     "jobs.update_inventory", args=[product, 2, "seen-by-flower"], queue="default"
                 )
                 wait_until(

@@ -24,6 +24,12 @@ def test_with_nothing_set_defaults_apply_and_urls_are_left_to_the_embedded_defau
     assert settings.mail_from == "jobs@example.com"
     assert settings.report_recipients == ("ops@example.com",)
     assert settings.payment_gateway_url == "http://127.0.0.1:8090"
+    assert settings.task_events is False
+
+
+def test_task_events_are_off_unless_asked_for() -> None:
+    assert load_settings({"TASK_EVENTS": "true"}).task_events is True
+    assert load_settings({"TASK_EVENTS": "false"}).task_events is False
 
 
 def test_values_are_read_from_the_environment() -> None:
@@ -84,6 +90,7 @@ def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
         ("MAIL_FROM", "jobs at example", "an email address"),
         ("REPORT_RECIPIENTS", "ops@example.com, nobody", "comma-separated email addresses"),
         ("PAYMENT_GATEWAY_URL", "ftp://u:pw@gw", "an http:// or https:// URL"),
+        ("TASK_EVENTS", "yes", "one of true, false"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(
