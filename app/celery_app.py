@@ -7,6 +7,7 @@ from celery import Celery, signals
 from app import (
     logs,  # noqa: F401  (connects the log set-up and job-context signals)
     shutdown,
+    threads,
 )
 from app.delivery import heartbeat, throughput
 from app.delivery.outbox import start_relay, stop_relay
@@ -28,3 +29,7 @@ signals.worker_shutting_down.connect(shutdown.announce, weak=False)
 signals.worker_init.connect(throughput.enable, weak=False)
 signals.worker_init.connect(heartbeat.note_concurrency, weak=False)
 signals.worker_process_init.connect(throughput.enable, weak=False)
+# The threads pool: its database pool sized to its threads, and time limits by watchdog.
+signals.worker_init.connect(threads.configure, weak=False)
+signals.task_prerun.connect(threads.job_started, weak=False)
+signals.task_postrun.connect(threads.job_finished, weak=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -17,28 +18,55 @@ logger = logging.getLogger(__name__)
 
 _engine: Engine | None = None
 _session_factory: sessionmaker[Session] | None = None
+#: Connections the engine keeps, and how many more it may open under load: enough for one
+#: job at a time (a prefork pool process) and the threads it starts. A threads-pool worker
+#: sizes it to its concurrency (`size_pool`).
+_pool_size = 5
+_max_overflow = 5
+#: Threads of one process (the threads pool) must not each make an engine of their own.
+_engine_lock = threading.Lock()
 
 
 def get_engine() -> Engine:
     """This process's engine, created on first use from the configured database URL."""
     global _engine, _session_factory
-    if _engine is None:
-        _engine = create_engine(
-            get_database_url(),
-            # A connection killed by a database restart or pg_terminate_backend is
-            # replaced on checkout instead of failing the next job.
-            pool_pre_ping=True,
-            pool_size=5,
-            max_overflow=5,
-        )
-        _session_factory = sessionmaker(bind=_engine, expire_on_commit=False)
-    return _engine
+    engine = _engine
+    if engine is not None:
+        return engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = create_engine(
+                get_database_url(),
+                # A connection killed by a database restart or pg_terminate_backend is
+                # replaced on checkout instead of failing the next job.
+                pool_pre_ping=True,
+                pool_size=_pool_size,
+                max_overflow=_max_overflow,
+            )
+            _session_factory = sessionmaker(bind=_engine, expire_on_commit=False)
+        return _engine
+
+
+def size_pool(connections: int) -> None:
+    """Keep `connections` database connections (a threads-pool worker: one per thread and a
+    couple for the worker's own threads), before any job runs; an engine already made with
+    another size is disposed of and made again on next use."""
+    global _engine, _pool_size
+    with _engine_lock:
+        _pool_size = connections
+        if _engine is not None and _engine.pool.size() != connections:  # type: ignore[attr-defined]
+            _engine.dispose()
+            _engine = None
 
 
 def _forget_parent_connections() -> None:
     # A forked child (a prefork pool worker) must never use the sockets its parent opened:
     # drop the inherited pool without closing the parent's connections (SQLAlchemy's
     # documented recipe), so the child opens its own on first use.
+    # A lock another thread of the parent held at the fork stays held in the child: make a
+    # new one.
+    global _engine_lock
+    _engine_lock = threading.Lock()
     if _engine is not None:
         _engine.dispose(close=False)
 
@@ -67,11 +95,12 @@ def session_scope() -> Iterator[Session]:
     """
     get_engine()
     assert _session_factory is not None
+    factory = _session_factory
     callbacks: list[Callable[[], None]] = []
     undo: list[Callable[[], None]] = []
     token = _after_commit.set(callbacks)
     undo_token = _after_rollback.set(undo)
-    session = _session_factory()
+    session = factory()
     session_token = _open_session.set(session)
     try:
         yield session

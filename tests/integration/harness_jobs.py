@@ -385,3 +385,38 @@ def _walked(session: Any, prefix: str, cursor: Any) -> int:
         )
         or 0
     )
+
+
+# The threads pool (tests/integration/test_threads_pool.py) -----------------------------------
+
+#: Where `db_span` appends {token, start, end, backend pid}: when each held a connection.
+DB_SPANS_KEY = "test:db_spans"
+
+
+@job("jobs.test_db_span")
+def db_span(token: str, seconds: float) -> None:
+    """Hold a database connection (a transaction open) for `seconds`, and record when."""
+    import json
+
+    from sqlalchemy import text
+
+    with session_scope() as session:
+        backend = session.scalar(text("SELECT pg_backend_pid()"))
+        start = time.time()
+        time.sleep(seconds)
+        end = time.time()
+    entry = {"token": token, "start": start, "end": end, "backend": backend}
+    _broker_client().rpush(DB_SPANS_KEY, json.dumps(entry))
+
+
+@job("jobs.test_busy_write", soft_time_limit=1, time_limit=20)
+def busy_write(sku: str, seconds: float) -> int:
+    """Insert a product, then work in Python (short sleeps) past the soft time limit."""
+    with session_scope() as session:
+        product = Product(sku=sku, name=sku, inventory=0, price=Decimal(1))
+        session.add(product)
+        session.flush()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+        return product.id

@@ -1,0 +1,166 @@
+"""The threads pool: `celery -A app worker --pool threads --concurrency N`.
+
+For jobs that mostly wait on the network (send_email on SMTP, process_payment on the gateway),
+one process running N jobs in threads does more than N/2 prefork processes on two cores. What
+the service adds to Celery's own pool, so that the guarantees are prefork's:
+
+- **Database connections.** Each thread runs its job in a session of its own (the session
+  scope and its after-commit callbacks live in context variables, per thread); the process's
+  one engine keeps `N + 2` connections (one per thread, and the worker's own threads: the
+  outbox relay), so a job never waits for a connection another thread holds.
+- **Time limits.** Celery's threads pool enforces none. A watchdog thread raises
+  `SoftTimeLimitExceeded` in a job's thread at its soft limit, as prefork's SIGUSR1 does, and
+  `TimeLimitExceeded` at its hard limit (a thread cannot be killed, as a prefork process is).
+  Both are raised when the thread next runs Python code: a call blocked in C (a socket read
+  with no timeout) returns first. Each job's own retry and dead-letter handling takes it from
+  there, as on prefork.
+- **Delivery.** Fetch, in-flight records, heartbeats and acknowledgements are the main
+  process's, whatever the pool: a worker killed mid-job is recovered by heartbeat as on
+  prefork, and a warm shutdown lets running jobs finish and returns the rest to their queues.
+
+Connected to `worker_init` (`configure`) and to `task_prerun` / `task_postrun`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from app import db
+
+logger = logging.getLogger(__name__)
+
+#: How often the watchdog looks at the running jobs' deadlines (seconds).
+WATCH_INTERVAL = 0.1
+#: Connections beyond one per thread: the outbox relay's, and one spare.
+EXTRA_CONNECTIONS = 2
+
+
+@dataclass
+class _Deadlines:
+    task_id: str
+    name: str
+    soft_at: float | None
+    hard_at: float | None
+    soft_sent: bool = False
+    hard_sent: bool = False
+
+
+_running: dict[int, _Deadlines] = {}  # thread ident -> the job it runs
+_lock = threading.Lock()
+_watchdog: threading.Thread | None = None
+
+
+def is_threads_pool(worker: Any) -> bool:
+    pool_cls = getattr(worker, "pool_cls", None)
+    name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
+    return str(name).rsplit(".", 1)[-1] in ("thread", "threads")
+
+
+def configure(sender: Any = None, **_: Any) -> None:
+    """`worker_init`: on the threads pool, size the database pool and start the watchdog."""
+    if not is_threads_pool(sender):
+        return
+    concurrency = int(getattr(sender, "concurrency", 0) or 1)
+    db.size_pool(concurrency + EXTRA_CONNECTIONS)
+    start_watchdog()
+    logger.info(
+        "threads pool: %d threads, %d database connections, time limits by watchdog",
+        concurrency,
+        concurrency + EXTRA_CONNECTIONS,
+    )
+
+
+def start_watchdog() -> None:
+    global _watchdog
+    with _lock:
+        if _watchdog is not None and _watchdog.is_alive():
+            return
+        _watchdog = threading.Thread(target=_watch, name="time-limit-watchdog", daemon=True)
+        _watchdog.start()
+
+
+def _limit(request_value: Any, task_value: Any, default: Any) -> float | None:
+    for value in (request_value, task_value, default):
+        if value:
+            return float(value)
+    return None
+
+
+def job_started(task_id: str = "", task: Any = None, **_: Any) -> None:
+    """`task_prerun`, in the job's thread: note its deadlines (only while a watchdog runs)."""
+    if _watchdog is None or task is None:
+        return
+    hard, soft = (getattr(task.request, "timelimit", None) or (None, None))[:2]
+    conf = task.app.conf
+    soft = _limit(soft, task.soft_time_limit, conf.task_soft_time_limit)
+    hard = _limit(hard, task.time_limit, conf.task_time_limit)
+    now = time.monotonic()
+    ident = threading.get_ident()
+    with _lock:
+        if ident in _running:  # a task run inline inside a job: the outer job's limits hold
+            return
+        _running[ident] = _Deadlines(
+            task_id,
+            task.name,
+            now + soft if soft else None,
+            now + hard if hard else None,
+        )
+
+
+def job_finished(task_id: str = "", **_: Any) -> None:
+    """`task_postrun`, in the job's thread: forget its deadlines, and any limit exception the
+    watchdog raised that has not reached it yet (it must not hit the worker's own code)."""
+    if _watchdog is None:
+        return
+    ident = threading.get_ident()
+    with _lock:
+        deadlines = _running.get(ident)
+        if deadlines is None or deadlines.task_id != task_id:
+            return
+        del _running[ident]
+        if deadlines.soft_sent or deadlines.hard_sent:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+
+
+def _raise_in(ident: int, exception: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exception))
+
+
+def check(now: float | None = None) -> None:
+    """One look at the running jobs: raise each limit that has passed, once."""
+    now = time.monotonic() if now is None else now
+    with _lock:
+        for ident, job in _running.items():
+            if job.hard_at is not None and now >= job.hard_at and not job.hard_sent:
+                job.hard_sent = True
+                logger.error(
+                    "job %s[%s] passed its hard time limit; raising TimeLimitExceeded in its "
+                    "thread (a thread cannot be killed)",
+                    job.name,
+                    job.task_id,
+                )
+                _raise_in(ident, TimeLimitExceeded)
+            elif job.soft_at is not None and now >= job.soft_at and not job.soft_sent:
+                job.soft_sent = True
+                logger.warning(
+                    "job %s[%s] passed its soft time limit; raising SoftTimeLimitExceeded",
+                    job.name,
+                    job.task_id,
+                )
+                _raise_in(ident, SoftTimeLimitExceeded)
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(WATCH_INTERVAL)
+        try:
+            check()
+        except Exception:  # the watchdog must outlive any one bad look
+            logger.exception("time-limit watchdog")

@@ -1,0 +1,214 @@
+"""The threads pool (`--pool threads`) keeps prefork's guarantees (app/threads.py).
+
+Real workers (`celery -A app worker --pool threads`), default settings otherwise:
+
+- 16 threads each hold a database connection at the same time (the engine is sized to the
+  pool; SQLAlchemy's default of 5 + 5 would make six of them wait);
+- a job past its soft time limit gets SoftTimeLimitExceeded in its thread: its transaction
+  rolls back and it is dead-lettered as on prefork (Celery's threads pool has no time limits);
+- a threads worker SIGKILLed with jobs in its threads: a live worker takes them back by
+  heartbeat and each runs to its effect exactly once;
+- a warm shutdown lets the running jobs finish and leaves the unstarted ones queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.models import DeadLetter, Product
+from app.settings import redis_client_url
+from tests.integration.conftest import (
+    ALL_QUEUES,
+    HARNESS_WORKER,
+    ROOT,
+    Services,
+    flush_broker,
+    isolated_broker,
+    producer_for,
+    worker_env,
+)
+from tests.integration.factories import wait_until
+from tests.integration.harness_jobs import DB_SPANS_KEY
+
+THREADS = 16
+
+
+def threads_worker(
+    services: Services, broker: str, log: Path, name: str, concurrency: int = THREADS
+) -> subprocess.Popen[bytes]:
+    """A threads-pool worker as a process group of its own (so a SIGKILL takes it all)."""
+    pool = ["--pool", "threads", "--concurrency", str(concurrency), "--hostname", name]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "app", *HARNESS_WORKER, *ALL_QUEUES, *pool],
+            cwd=ROOT,
+            env=worker_env(services, broker),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def client_for(broker: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_client_url(broker) or "")
+
+
+def products(prefix: str) -> list[str]:
+    with session_scope() as session:
+        return list(session.scalars(select(Product.sku).where(Product.sku.like(prefix + "%"))))
+
+
+def dead_letters() -> list[DeadLetter]:
+    with session_scope() as session:
+        return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id)))
+
+
+def max_overlap(spans: list[dict[str, Any]]) -> int:
+    events = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_every_thread_holds_a_database_connection_at_once(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, 13)
+    flush_broker(broker)
+    client = client_for(broker)
+    worker = threads_worker(services, broker, tmp_path / "worker.log", "threads-db@%h")
+    try:
+        producer = producer_for(broker)
+        for i in range(THREADS):
+            producer.send_task("jobs.test_db_span", args=[f"span-{i}", 3.0], queue="default")
+        wait_until(lambda: client.llen(DB_SPANS_KEY) == THREADS, timeout=90)
+    finally:
+        stop(worker)
+
+    spans = [json.loads(raw) for raw in client.lrange(DB_SPANS_KEY, 0, -1)]
+    assert sorted(s["token"] for s in spans) == sorted(f"span-{i}" for i in range(THREADS))
+    # All sixteen held a connection (a transaction open) at the same time, each its own.
+    assert max_overlap(spans) == THREADS
+    assert len({s["backend"] for s in spans}) == THREADS
+    assert dead_letters() == []
+
+
+def test_a_job_past_its_soft_time_limit_is_stopped_in_its_thread(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, 13)
+    flush_broker(broker)
+    worker = threads_worker(services, broker, tmp_path / "worker.log", "threads-limit@%h", 4)
+    try:
+        started = time.monotonic()
+        # The job would work for 60 s; its soft time limit is 1 s.
+        producer_for(broker).send_task(
+            "jobs.test_busy_write", args=["threads-limit", 60.0], queue="default"
+        )
+        wait_until(dead_letters, timeout=30)
+        took = time.monotonic() - started
+        # The worker goes on: another job runs after the stopped one.
+        producer_for(broker).send_task(
+            "jobs.test_record_sku", args=["threads-after-limit"], queue="default"
+        )
+        wait_until(lambda: products("threads-after-limit"), timeout=30)
+    finally:
+        stop(worker)
+
+    [letter] = dead_letters()
+    assert letter.job_name == "jobs.test_busy_write"
+    assert letter.reason == "time_limit"
+    assert letter.error_type.endswith(".SoftTimeLimitExceeded")  # (billiard's, as on prefork)
+    assert took < 30  # stopped at its limit, not after its 60 s of work
+    assert products("threads-limit") == []  # its transaction rolled back
+    log = (tmp_path / "worker.log").read_text()
+    assert "passed its soft time limit" in log
+
+
+def test_a_killed_threads_worker_loses_nothing_and_doubles_nothing(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, 13)
+    flush_broker(broker)
+    client = client_for(broker)
+    count = 40
+    doomed = threads_worker(services, broker, tmp_path / "doomed.log", "threads-doomed@%h", 8)
+    survivor: subprocess.Popen[bytes] | None = None
+    try:
+        producer = producer_for(broker)
+        for i in range(count):
+            producer.send_task("jobs.test_slow_record", args=[f"tk-{i:03}", 1.0], queue="default")
+        # Some ran, and eight are in the doomed worker's threads: kill it, pool and all.
+        wait_until(lambda: len(products("tk-")) >= 8, timeout=60)
+        wait_until(lambda: client.hlen("unacked") >= 8, timeout=30)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        survivor = threads_worker(
+            services, broker, tmp_path / "survivor.log", "threads-survivor@%h", 8
+        )
+        wait_until(lambda: len(products("tk-")) == count, timeout=120)
+        time.sleep(2)  # a second run of any job would show as a duplicate key now
+    finally:
+        stop(doomed)
+        if survivor is not None:
+            stop(survivor)
+
+    assert sorted(products("tk-")) == [f"tk-{i:03}" for i in range(count)]
+    assert dead_letters() == []  # no job ran twice (a second insert would fail on the sku)
+    log = (tmp_path / "survivor.log").read_text()
+    assert "held by worker" in log  # the survivor took the killed worker's jobs back
+
+
+def test_a_warm_shutdown_finishes_running_jobs_and_leaves_the_rest_queued(
+    services: Services, tmp_path: Path
+) -> None:
+    broker = isolated_broker(services.broker_url, 13)
+    flush_broker(broker)
+    client = client_for(broker)
+    count = 30
+    worker = threads_worker(services, broker, tmp_path / "worker.log", "threads-warm@%h", 4)
+    try:
+        producer = producer_for(broker)
+        for i in range(count):
+            producer.send_task("jobs.test_slow_record", args=[f"wm-{i:03}", 1.5], queue="default")
+        wait_until(lambda: client.hlen("unacked") >= 4, timeout=60)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    finally:
+        stop(worker)
+
+    done = products("wm-")
+    assert 4 <= len(done) < count  # the running ones finished; the worker stopped early
+    assert client.llen("default") == count - len(done)  # the rest is queued again
+    assert client.hlen("unacked") == 0  # nothing left held by the stopped worker
+    # and a new worker runs exactly the rest
+    worker = threads_worker(services, broker, tmp_path / "worker2.log", "threads-warm2@%h", 4)
+    try:
+        wait_until(lambda: len(products("wm-")) == count, timeout=90)
+    finally:
+        stop(worker)
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(DeadLetter)) == 0
