@@ -127,6 +127,7 @@ BENCHMARKS = (
     "job_batches",
     "flow_overhead",
     "flow_serial",
+    "peers",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -247,6 +248,7 @@ def celery_worker(
     own_session: bool = False,
     task_events: bool = False,
     unset: tuple[str, ...] = (),
+    pool: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """A worker of the service (`celery -A app`, with the benchmark jobs) or of the stock
     baseline (`celery -A bench.stock_app`), logging to WORKER_LOG; with `own_session`, the
@@ -264,6 +266,8 @@ def celery_worker(
         command += ["--hostname", hostname]
     if task_events:
         command += ["--task-events"]
+    if pool:
+        command += ["--pool", pool]
     with open(WORKER_LOG, "ab") as out:
         return subprocess.Popen(
             command,
@@ -2659,6 +2663,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    from bench import peers
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a quick look")
     parser.add_argument(
@@ -2737,6 +2743,7 @@ def main() -> int:
             enqueue_count=1_000 if quick else 4_000,
         ),
         "flow_serial": lambda: [bench_flow_serial(50 if quick else 200, rounds=1 if quick else 2)],
+        "peers": lambda: [peers.bench_peers(1_000 if quick else 6_000, rounds=1 if quick else 2)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

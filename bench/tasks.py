@@ -80,6 +80,12 @@ def incr(n: int) -> None:
     _client().incr(INCR_COUNTER)
 
 
+@job("jobs.bench_incr", ignore_result=True)
+def bench_incr(n: int) -> None:
+    """The same count through the whole job layer: the peers benchmark's no-op."""
+    _client().incr(INCR_COUNTER)
+
+
 @celery.task(name="bench.hold", bind=True, ignore_result=True)
 def hold(self: Any, n: int) -> None:
     """Record (task id, n, worker, start time), then take HOLD_SECONDS: the recovery job."""
