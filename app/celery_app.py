@@ -29,6 +29,8 @@ signals.worker_shutting_down.connect(shutdown.announce, weak=False)
 signals.worker_init.connect(throughput.enable, weak=False)
 signals.worker_init.connect(heartbeat.note_concurrency, weak=False)
 signals.worker_process_init.connect(throughput.enable, weak=False)
+signals.worker_process_shutdown.connect(throughput.flush, weak=False)
+signals.worker_shutdown.connect(throughput.flush, weak=False)
 # The threads pool: its database pool sized to its threads, and time limits by watchdog.
 signals.worker_init.connect(threads.configure, weak=False)
 signals.task_prerun.connect(threads.job_started, weak=False)
