@@ -53,7 +53,11 @@ unit: setup
 	$(BIN)/pytest tests/unit
 
 ## bench: the benchmarks (make bench QUICK=1 for small sizes); never part of `make test`
-bench: setup
+$(BIN)/.bench-installed: pyproject.toml $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: setup $(BIN)/.bench-installed
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
 
 ## lint: ruff and mypy

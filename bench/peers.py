@@ -29,6 +29,8 @@ from typing import Any
 
 from bench.keys import INCR_COUNTER
 
+Starter = Callable[[], list[subprocess.Popen[bytes]]]
+
 #: Increments before a side's clock starts (its start-up and first fetches are not timed).
 WARMUP = 100
 
@@ -71,7 +73,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def _side_rate(
     count: int,
     publish: Callable[[], None],
-    start: Callable[[], subprocess.Popen[bytes]],
+    start: Callable[[], list[subprocess.Popen[bytes]]],
     what: str,
 ) -> float:
     """Queue `count` messages, start the worker, and time the counter from WARMUP to `count`."""
@@ -80,12 +82,12 @@ def _side_rate(
     client = redis_client()
     client.flushdb()
     publish()
-    process = start()
+    processes = start()
     try:
         counted = lambda: int(client.get(INCR_COUNTER) or 0)  # noqa: E731
-        wait_for(lambda: counted() >= WARMUP, 120, f"{what}: start-up", process, poll=0.002)
+        wait_for(lambda: counted() >= WARMUP, 120, f"{what}: start-up", processes[0], poll=0.002)
         began, first = time.perf_counter(), counted()
-        wait_for(lambda: counted() >= count, 60 + count / 20, f"{what}: drain", process)
+        wait_for(lambda: counted() >= count, 60 + count / 20, f"{what}: drain", processes[0])
         seconds = time.perf_counter() - began
         time.sleep(0.3)  # a duplicate run would show as a count above `count`
         final = counted()
@@ -93,27 +95,32 @@ def _side_rate(
             raise RuntimeError(f"{what}: {final} runs counted for {count} messages")
         return (count - first) / seconds
     finally:
-        _stop(process)
+        for process in processes:
+            _stop(process)
 
 
 def bench_peers(count: int, rounds: int = 2) -> dict[str, Any]:
     from bench.run import celery_worker
 
-    sides: dict[str, tuple[Callable[[], None], Callable[[], subprocess.Popen[bytes]]]] = {
+    def service(concurrency: int, pool: str | None = None, workers: int = 1) -> Starter:
+        return lambda: [
+            celery_worker(False, concurrency, f"peer{i}@%h", own_session=True, pool=pool)
+            for i in range(workers)
+        ]
+
+    def service_jobs() -> None:
+        _publish_celery(count, "jobs.bench_incr")
+
+    sides: dict[str, tuple[Callable[[], None], Starter]] = {
         "stock": (
             lambda: _publish_celery(count, "bench.incr"),
-            lambda: celery_worker(True, 2, own_session=True),
+            lambda: [celery_worker(True, 2, own_session=True)],
         ),
-        "service": (
-            lambda: _publish_celery(count, "jobs.bench_incr"),
-            lambda: celery_worker(False, 2, own_session=True),
-        ),
-        "service_threads": (
-            lambda: _publish_celery(count, "jobs.bench_incr"),
-            lambda: celery_worker(False, 16, own_session=True, pool="threads"),
-        ),
-        "dramatiq_2x1": (lambda: _publish_dramatiq(count), lambda: _dramatiq(2, 1)),
-        "dramatiq_2x8": (lambda: _publish_dramatiq(count), lambda: _dramatiq(2, 8)),
+        "service": (service_jobs, service(2)),
+        "service_threads": (service_jobs, service(16, "threads")),
+        "service_threads_2x8": (service_jobs, service(8, "threads", workers=2)),
+        "dramatiq_2x1": (lambda: _publish_dramatiq(count), lambda: [_dramatiq(2, 1)]),
+        "dramatiq_2x8": (lambda: _publish_dramatiq(count), lambda: [_dramatiq(2, 8)]),
     }
     names = list(sides)
     rates: dict[str, list[float]] = {name: [] for name in names}
