@@ -79,6 +79,7 @@ class Settings:
     poison_after: int
     outbox_relay: bool
     task_events: bool
+    payment_gateway_rate: int
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -319,6 +320,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         poison_after=_count(env, "POISON_AFTER", 3),
         outbox_relay=_choice(env, "OUTBOX_RELAY", ("true", "false"), "true") == "true",
         task_events=_choice(env, "TASK_EVENTS", ("true", "false"), "false") == "true",
+        payment_gateway_rate=_count(env, "PAYMENT_GATEWAY_RATE", 20),
     )
 
 

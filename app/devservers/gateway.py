@@ -87,7 +87,8 @@ def _error(status: int, code: str, message: str) -> _Reply:
 class _GatewayState:
     """Everything the simulator remembers; every method is safe to call from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency  # seconds added before every reply
         # One lock around decide-and-store: concurrent requests with one key charge once.
         self._lock = threading.Lock()
         self._outcomes: dict[str, _Outcome] = {}
@@ -145,7 +146,7 @@ class _GatewayState:
                 reply = self._decide(idempotency_key, raw_body)
         # The outcome is stored before the stall: a client that gives up has still been charged,
         # which is exactly the case idempotency keys exist for.
-        return _Reply(reply.status, reply.body, delay)
+        return _Reply(reply.status, reply.body, delay + self.latency)
 
     def _decide(self, idempotency_key: str | None, raw_body: bytes) -> _Reply:
         """The answer for one request; the caller holds the lock."""
@@ -361,10 +362,14 @@ class _Handler(BaseHTTPRequestHandler):
 class GatewaySimulator(Lifecycle):
     """A payment gateway on 127.0.0.1 that serves in a daemon thread; a context manager."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0) -> None:
+        """`latency` delays every charge's reply by that many seconds, as a distant gateway
+        would (the benchmarks' I/O-bound jobs)."""
+        if latency < 0:
+            raise ValueError(f"latency must be >= 0 seconds, got {latency}")
         self.host = host
         self.port = port
-        self._state = _GatewayState()
+        self._state = _GatewayState(latency)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -433,10 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8090, help="port to bind (default 8090)")
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds to wait before each charge's reply"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    simulator = GatewaySimulator(args.host, args.port)
+    simulator = GatewaySimulator(args.host, args.port, args.latency)
     return serve_until_stopped(simulator, "gateway simulator", f"{args.host}:{args.port}")
 
 

@@ -76,7 +76,8 @@ _Fault = _Fail | _Drop | _Delay
 class _State:
     """Messages and pending faults, shared by the server thread and the caller's thread."""
 
-    def __init__(self, max_messages: int | None) -> None:
+    def __init__(self, max_messages: int | None, latency: float = 0.0) -> None:
+        self.latency = latency  # seconds before every reply to DATA
         self.changed = threading.Condition()
         self.messages: deque[Received] = deque(maxlen=max_messages)
         # One FIFO for all fault kinds, so `fail_next(421); drop_next()` means "the next
@@ -118,6 +119,8 @@ class _Handler:
         if isinstance(fault, _Delay):
             # Stored first, then slow to answer: the "delivered, but the client timed out" case.
             await asyncio.sleep(fault.seconds)
+        if self._state.latency:
+            await asyncio.sleep(self._state.latency)
         return "250 OK"
 
 
@@ -163,16 +166,25 @@ class SmtpServer(Lifecycle):
     """A local SMTP server on a background thread that stores what it receives."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, max_messages: int | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_messages: int | None = None,
+        latency: float = 0.0,
     ) -> None:
         """Listen on `host`:`port` once started; port 0 picks a free one.
 
         `max_messages` bounds the kept messages (oldest dropped), for a long-running demo.
+        `latency` delays every reply to DATA by that many seconds, as a distant server would
+        (the benchmarks' I/O-bound jobs).
         """
+        if latency < 0:
+            raise ValueError(f"latency must be >= 0 seconds, got {latency}")
         self._host = host
         self._requested_port = port
         self._port = port
-        self._state = _State(max_messages)
+        self._state = _State(max_messages, latency)
         self._controller: _Controller | None = None
 
     @property
@@ -282,11 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8025, help="port to listen on (0: any)")
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds to wait before each reply to DATA"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     # The demo may run for days: keep only the latest messages in memory.
-    server = SmtpServer(args.host, args.port, max_messages=1000)
+    server = SmtpServer(args.host, args.port, max_messages=1000, latency=args.latency)
     return serve_until_stopped(server, "smtp server", f"{args.host}:{args.port}")
 
 

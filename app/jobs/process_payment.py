@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a charge request may take; past it the outcome is unknown and the job retries.
 GATEWAY_TIMEOUT = 10.0
-#: Charges started per second per gateway, across every worker (a gateway's own API limit);
-#: a payment over it waits in the scheduled set, without using up an attempt.
-GATEWAY_RATE = 20
+#: Charges started per second per gateway, across every worker (a gateway's own API limit,
+#: PAYMENT_GATEWAY_RATE, 20 unless set); a payment over it waits in the scheduled set, without
+#: using up an attempt.
+GATEWAY_RATE = get_settings().payment_gateway_rate
 
 
 def _gateway_key(payment_id: Any = None, **_: Any) -> str:

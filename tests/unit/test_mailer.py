@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import socket
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from email.message import EmailMessage
@@ -370,3 +371,14 @@ def test_the_server_reports_its_real_port_and_waits_for_messages(smtp: SmtpServe
     send_to(smtp, order_email())
 
     assert len(smtp.wait_for_messages(1, timeout=1.0)) == 1
+
+
+def test_a_server_with_latency_answers_every_message_that_much_later() -> None:
+    with SmtpServer(latency=0.3) as server:
+        for _ in range(2):
+            started = time.monotonic()
+            send_to(server, order_email())
+            assert time.monotonic() - started >= 0.3
+        assert len(server.messages) == 2
+    with pytest.raises(ValueError, match="latency"):
+        SmtpServer(latency=-1)

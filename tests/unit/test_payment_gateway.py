@@ -369,3 +369,15 @@ def test_every_client_error_is_a_gateway_error() -> None:
         assert issubclass(exception, GatewayError)
     assert issubclass(InsufficientFunds, PaymentDeclined)
     assert issubclass(CardExpired, PaymentDeclined)
+
+
+def test_a_gateway_with_latency_answers_every_charge_that_much_later() -> None:
+    with GatewaySimulator(latency=0.3) as simulator:
+        client = PaymentGatewayClient(simulator.url, timeout=5.0)
+        for key in ("late-1", "late-2"):
+            started = time.monotonic()
+            client.charge(idempotency_key=key, amount=AMOUNT, card_token="tok_ok")
+            assert time.monotonic() - started >= 0.3
+        assert len(simulator.charges) == 2
+    with pytest.raises(ValueError, match="latency"):
+        GatewaySimulator(latency=-1)

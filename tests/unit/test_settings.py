@@ -25,6 +25,7 @@ def test_with_nothing_set_defaults_apply_and_urls_are_left_to_the_embedded_defau
     assert settings.report_recipients == ("ops@example.com",)
     assert settings.payment_gateway_url == "http://127.0.0.1:8090"
     assert settings.task_events is False
+    assert settings.payment_gateway_rate == 20
 
 
 def test_task_events_are_off_unless_asked_for() -> None:
@@ -91,6 +92,7 @@ def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
         ("REPORT_RECIPIENTS", "ops@example.com, nobody", "comma-separated email addresses"),
         ("PAYMENT_GATEWAY_URL", "ftp://u:pw@gw", "an http:// or https:// URL"),
         ("TASK_EVENTS", "yes", "one of true, false"),
+        ("PAYMENT_GATEWAY_RATE", "0", "a whole number from 1 to 1000"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(
