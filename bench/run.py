@@ -128,6 +128,7 @@ BENCHMARKS = (
     "flow_overhead",
     "flow_serial",
     "peers",
+    "io_pools",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -2663,7 +2664,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    from bench import peers
+    from bench import io_pools, peers
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a quick look")
@@ -2744,6 +2745,7 @@ def main() -> int:
         ),
         "flow_serial": lambda: [bench_flow_serial(50 if quick else 200, rounds=1 if quick else 2)],
         "peers": lambda: [peers.bench_peers(1_000 if quick else 6_000, rounds=1 if quick else 2)],
+        "io_pools": lambda: [io_pools.bench_io_pools(300 if quick else 1_500)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
