@@ -154,7 +154,7 @@ def enqueue_command(
                 for start in range(0, count, 1000):
                     batch = min(1000, count - start)
                     signatures = [job.signature(arguments, keywords, **options)] * batch
-                    ids += [r.id for r in perform_all_later(signatures)]
+                    ids += perform_all_later(signatures).ids
                     bar.update(batch)
     except (DeserializationError, ValueError) as exc:
         _fail(f"{job_name}: {exc}")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import redis
 from celery import Task, states
@@ -715,12 +715,37 @@ def enqueue_prepared(prepared: Sequence[Prepared], producer: Any = None) -> None
             raise
 
 
-def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
+class Enqueued(Sequence[AsyncResult]):
+    """What `perform_all_later` returns: the jobs' results in call order, each made when it is
+    first read (a list of 10,000 AsyncResults cost a sixth of a bulk enqueue), and `ids`, the
+    task ids, which is all most callers need."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> AsyncResult: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[AsyncResult]: ...
+    def __getitem__(self, index: int | slice) -> AsyncResult | list[AsyncResult]:
+        if isinstance(index, slice):
+            return [celery_app.AsyncResult(task_id) for task_id in self.ids[index]]
+        return celery_app.AsyncResult(self.ids[index])
+
+    def __repr__(self) -> str:
+        return f"<Enqueued {len(self.ids)} job(s)>"
+
+
+def perform_all_later(signatures: Iterable[Signature]) -> Enqueued:
     """Enqueue many jobs with few broker round trips (ActiveJob 7.1, Sidekiq's push_bulk).
 
     Every call is checked before any is published; inside an open `session_scope` the whole
     set is published after the commit. As with Sidekiq's push_bulk, the caller gets the task
-    ids and the jobs' return values are not kept (no result-backend round trips per job).
+    ids (`.ids`; each item is the job's AsyncResult, made on access) and the jobs' return
+    values are not kept (no result-backend round trips per job).
     """
     prepared = []
     for signature in signatures:
@@ -740,11 +765,11 @@ def perform_all_later(signatures: Iterable[Signature]) -> list[AsyncResult]:
                 ids[index] = holder
         prepared = claimed
     if prepared and _batch_collects(prepared):
-        return [celery_app.AsyncResult(task_id) for task_id in ids]
+        return Enqueued(ids)
 
     if prepared:
         enqueue_prepared(prepared)
-    return [celery_app.AsyncResult(task_id) for task_id in ids]
+    return Enqueued(ids)
 
 
 def _through_outbox(prepared: Sequence[Prepared], producer: Any = None) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from celery import Task
 from celery.canvas import Signature
+from celery.result import AsyncResult
 from statsd import StatsClient
 
 from app import celery
@@ -250,6 +251,12 @@ def test_perform_all_later_checks_every_call_before_enqueueing_any(
 
     assert len(results) == 4 == len(enqueued_jobs)
     assert [p.task_id for p in enqueued_jobs.jobs] == [r.id for r in results]
+    # The ids, without an AsyncResult each; an AsyncResult for any item read.
+    assert results.ids == [p.task_id for p in enqueued_jobs.jobs]
+    assert results[-1].id == results.ids[-1] and isinstance(results[0], AsyncResult)
+    assert [r.id for r in results[1:3]] == results.ids[1:3]
+    with pytest.raises(IndexError):
+        results[4]
     enqueued_jobs.assert_enqueued(jobs.place_order, args=[9, True], queue="urgent")
 
 
