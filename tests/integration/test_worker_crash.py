@@ -35,7 +35,15 @@ from app.db import session_scope
 from app.delivery.records import Keys
 from app.devservers.gateway import GatewaySimulator
 from app.devservers.smtp import SmtpServer
-from app.models import DeadLetter, EmailDelivery, InventoryAudit, Order, Payment, Product
+from app.models import (
+    DeadLetter,
+    EmailDelivery,
+    InventoryAudit,
+    Order,
+    OutboxMessage,
+    Payment,
+    Product,
+)
 from app.settings import redis_client_url
 from tests.integration.conftest import (
     ALL_QUEUES,
@@ -207,9 +215,13 @@ _last_progress: list[tuple[int, ...]] = []
 
 def settled(client: redis.Redis) -> bool:
     """The broker holds nothing (no queued job, none held, no retry waiting in the scheduled
-    set) and the effects stopped changing for three seconds."""
+    set), the outbox holds nothing (a job enqueued by a job whose process was killed between
+    its commit and its publish waits there for the relay, GRACE seconds), and the effects
+    stopped changing for three seconds."""
     queued = sum(int(client.llen(q)) for q in ("urgent", "default", "low"))
     queued += int(client.zcard(Keys().schedule))
+    with session_scope() as session:
+        queued += int(session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
     progress = (
         audits("%"),
         count_where(EmailDelivery.status == "sent"),
