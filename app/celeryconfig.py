@@ -112,6 +112,9 @@ task_queues = (
     if _on_rabbitmq
     else [Queue(name, routing_key=name) for name in QUEUES]
 )
+if _on_rabbitmq:
+    # A message Celery cannot decode is dead-lettered rather than acknowledged and lost.
+    worker_consumer = "app.delivery.rabbitmq:TaskConsumer"
 # Celery's own default queue, where `send_task` without a queue and celery-node put jobs: the
 # workers take it as part of `default` (same weight, paused with it), so no job waits there.
 CELERY_DEFAULT_QUEUE_ALIAS = {"default": ("celery",)}

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from celery import bootsteps
+from celery.worker.consumer.consumer import Consumer as CeleryConsumer
 from kombu.entity import Exchange, Queue
 from kombu.message import Message
 from kombu.messaging import Consumer
@@ -122,6 +123,9 @@ def failure_of(message: Message) -> dead_letters.Failure:
         "headers": headers,
     }
     found = describe(json.dumps(envelope, default=str).encode())
+    for key, name in (("task_id", "id"), ("job_name", "task")):  # (a body it could not read)
+        if not found[key] and isinstance(headers.get(name), str):
+            found[key] = headers[name]
     death = _first_death(headers)
     why = str(headers.get("x-first-death-reason") or death.get("reason") or "unknown")
     queue = str(headers.get("x-first-death-queue") or death.get("queue") or "") or None
@@ -182,6 +186,21 @@ def _settle_batch(message: Message, task_id: str) -> None:
             batches.job_finished(batch, task_id, dead=True)
         except Exception:
             logger.exception("could not count job %s as dead in batch %d", task_id, batch)
+
+
+class TaskConsumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, except that a message it cannot decode (a content type other than
+    JSON, a body that is not what it says) is rejected into the dead-letter exchange, where it
+    becomes a `malformed` dead letter, instead of acknowledged and lost."""
+
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
+        logger.error(
+            "cannot decode a message (content type %r): %s; dead-lettered",
+            message.content_type,
+            exc,
+            extra={"event": "decode_error"},
+        )
+        message.reject(requeue=False)
 
 
 class DeadLetterConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]

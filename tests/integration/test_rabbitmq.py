@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import func, select
 
 from app.celery_app import JobsCelery
@@ -302,6 +302,27 @@ def test_an_unknown_job_is_dead_lettered_as_malformed(on_rabbit: Fleet) -> None:
         ("jobs.no_such_job", "malformed", "low", [1, "x"])
     ]
     assert "jobs.no_such_job" in (entries[0].raw_message or "") or entries[0].raw_message
+
+
+def test_a_message_in_a_refused_content_type_is_dead_lettered_not_lost(on_rabbit: Fleet) -> None:
+    headers = {"task": "jobs.test_record_sku", "id": "yaml-1", "argsrepr": "", "kwargsrepr": ""}
+    with Connection(on_rabbit.rabbit.url) as conn:
+        conn.Producer().publish(
+            b"- [refused]\n- {}\n- {}\n",
+            exchange=rabbitmq.JOBS_EXCHANGE,
+            routing_key="default",
+            headers=headers,
+            content_type="application/x-yaml",
+            content_encoding="utf-8",
+        )
+
+    entries = wait_until(dead_letters, timeout=30)
+    assert [(e.task_id, e.job_name, e.reason, e.queue) for e in entries] == [
+        ("yaml-1", "jobs.test_record_sku", "malformed", "default")
+    ]
+    assert "application/x-yaml" in entries[0].error_message
+    assert "refused" in (entries[0].raw_message or "")
+    assert product_count("") == 0
 
 
 def test_a_delayed_job_waits_in_rabbitmq_not_in_a_worker_and_never_runs_early(
