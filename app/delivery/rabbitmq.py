@@ -23,6 +23,7 @@ import base64
 import datetime as dt
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -100,6 +101,16 @@ def whole_second_delay(countdown: Any, eta: Any, now: dt.datetime) -> tuple[Any,
     if 0 < seconds < 1:
         return 1, None
     return countdown, eta
+
+
+#: The prefix native delayed delivery puts before a routing key: the delay's 28 binary digits.
+_DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
+
+
+def undelayed_routing_key(routing_key: str) -> str:
+    """The routing key a message was sent with, without the delay prefix it carries when it
+    arrives through RabbitMQ's delay queues (`0.0.….1.default` -> `default`)."""
+    return _DELAY_PREFIX.sub("", routing_key, count=1)
 
 
 def dead_letter_queue() -> Queue:

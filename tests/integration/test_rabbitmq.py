@@ -357,8 +357,9 @@ def test_a_job_out_of_retries_is_dead_lettered_after_retries_that_waited_in_rabb
     on_rabbit.producer.send_task("jobs.test_always_fails", ["never"])
 
     entries = wait_until(dead_letters, timeout=60)
-    assert [(e.job_name, e.reason, e.attempts) for e in entries] == [
-        ("jobs.test_always_fails", "exhausted", 3)
+    # Its queue is `default`, not the delay-prefixed key its retries arrived under.
+    assert [(e.job_name, e.reason, e.attempts, e.queue) for e in entries] == [
+        ("jobs.test_always_fails", "exhausted", 3, "default")
     ]
     # Three attempts, 2 s apart: the two waits passed in RabbitMQ's delay queues.
     assert entries[0].failed_at.timestamp() >= sent + 4

@@ -60,3 +60,12 @@ def test_a_delay_under_a_second_becomes_one_second_for_native_delayed_delivery()
     assert whole_second_delay(2.5, None, now) == (2.5, None)  # the worker holds the rest
     assert whole_second_delay(None, now - dt.timedelta(seconds=5), now)[1] is not None  # past
     assert whole_second_delay(None, None, now) == (None, None)
+
+
+def test_a_job_that_waited_in_rabbitmqs_delay_queues_knows_its_queue() -> None:
+    from app.delivery.rabbitmq import undelayed_routing_key
+
+    delayed = ".".join("0" * 26 + "11") + ".urgent"  # 3 s, as Celery routes it
+    assert undelayed_routing_key(delayed) == "urgent"
+    assert undelayed_routing_key("default") == "default"
+    assert undelayed_routing_key("1.0.low") == "1.0.low"  # not a delay prefix: 28 digits
