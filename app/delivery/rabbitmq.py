@@ -220,7 +220,7 @@ class DeadLetterConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     name = "jobs_service.dead_letters"
 
     def include_if(self, parent: Any) -> bool:
-        return bool(parent.app.connection_for_read().transport.driver_type == "amqp")
+        return is_amqp(parent.app.conf.broker_url)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         channel.basic_qos(0, DEAD_LETTER_PREFETCH, False)
