@@ -244,6 +244,12 @@ def unique(token: str, seconds: float) -> None:
     _record_span(token, "unique", unique.request, seconds)
 
 
+@job("jobs.test_unique_record", unique_for=120, unique_key=lambda token, n: token)
+def unique_record(token: str, n: int) -> int:
+    """One per token queued or running at once (on Redis); records a product `token-n`."""
+    return int(create_product.run(f"{token}-{n}", 0))
+
+
 @job("jobs.test_expiring", expires_in=2)
 def expiring(token: str) -> None:
     """Skipped when still queued 2 s after it was enqueued."""

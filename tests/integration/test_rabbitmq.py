@@ -12,7 +12,8 @@ and what they dead-letter reaches the PostgreSQL dead-letter store (a message th
 killing its process as `poison`, an unknown job as `malformed`, a job out of retries as
 `exhausted`); delays wait in RabbitMQ (Celery's native delayed delivery), never in a worker,
 and never run early; a worker per queue keeps urgent jobs from waiting behind a low backlog;
-a SIGKILLed worker's job is requeued by RabbitMQ and completes exactly once.
+a SIGKILLed worker's job is requeued by RabbitMQ and completes exactly once; flow control,
+which lives in Redis, is not applied (a unique job is enqueued twice, with a warning).
 """
 
 from __future__ import annotations
@@ -410,3 +411,22 @@ def test_a_sigkilled_workers_job_is_requeued_by_rabbitmq_and_completes_once(
 def _runs(log: str, started: str, token: str) -> int:
     """How many runs of the job with argument `token` the worker's log shows starting."""
     return sum(1 for line in log.splitlines() if started in line and token in line)
+
+
+def test_flow_control_is_not_applied_on_rabbitmq_a_unique_job_is_enqueued_twice_with_a_warning(
+    on_rabbit: Fleet, services: Services
+) -> None:
+    # The job layer enqueues, in a process whose broker is RabbitMQ (as a producer of this
+    # service would): unique_for needs Redis, so both copies are enqueued and both run.
+    code = (
+        "from tests.integration.harness_jobs import unique_record as job; "
+        "job.delay('flow', 1); job.delay('flow', 2)"
+    )
+    env = worker_env(services, on_rabbit.rabbit.url)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "unique_for needs a Redis broker; enqueued without it" in done.stderr
+
+    wait_until(lambda: product_count("flow-") == 2, timeout=30)
