@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery, signals
 
 from app import (
@@ -9,12 +11,28 @@ from app import (
     shutdown,
     threads,
 )
-from app.delivery import heartbeat, throughput
+from app.delivery import heartbeat, rabbitmq, throughput
 from app.delivery.outbox import start_relay, stop_relay
+from app.delivery.rabbitmq import DeadLetterConsumer
 from app.delivery.scheduled import install_revoke_hook
 
-celery_app = Celery("jobs_service", task_cls="app.delivery.requests:Task")
+
+class JobsCelery(Celery):  # type: ignore[misc]
+    """Celery, with a delay under a second on RabbitMQ made the one second that native
+    delayed delivery can take (Celery raises on it: app.delivery.rabbitmq)."""
+
+    def send_task(
+        self, name: str, *args: Any, countdown: Any = None, eta: Any = None, **options: Any
+    ) -> Any:
+        if (countdown is not None or eta is not None) and rabbitmq.is_amqp(self.conf.broker_url):
+            countdown, eta = rabbitmq.whole_second_delay(countdown, eta, self.now())
+        return super().send_task(name, *args, countdown=countdown, eta=eta, **options)
+
+
+celery_app = JobsCelery("jobs_service", task_cls="app.delivery.requests:Task")
 celery_app.config_from_object("app.celeryconfig")
+# On RabbitMQ every worker drains the queues' dead letters into the dead-letter store.
+celery_app.steps["consumer"].add(DeadLetterConsumer)
 # A revoke deletes the job from the scheduled set too (Celery keeps revoked ids in memory only).
 signals.worker_init.connect(install_revoke_hook, weak=False)
 # Every worker relays what the outbox holds after its enqueuing process could not publish it.

@@ -18,7 +18,7 @@ from functools import cache
 from celery.schedules import crontab
 from kombu.entity import Queue
 
-from app.delivery import transport
+from app.delivery import rabbitmq, transport
 from app.settings import QUEUES, ConfigError, get_broker_url, get_settings, redis_client_url
 
 try:
@@ -100,7 +100,21 @@ enable_utc = True
 
 # Queues ------------------------------------------------------------------------------------
 
-task_queues = [Queue(name, routing_key=name) for name in QUEUES]
+# On RabbitMQ the same queues are quorum queues on the topic exchange `jobs`, with a delivery
+# limit (a message returned POISON_AFTER times, by the deaths of the processes holding it or
+# by requeues, is dead-lettered, as a poison message is on Redis) and a dead-letter exchange
+# each worker drains into the dead-letter store (app/delivery/rabbitmq.py). A queue's
+# arguments are fixed when RabbitMQ first declares it: one declared otherwise before (a
+# classic `default`) must be deleted first. The CLI's broker is BROKER_URL passed on.
+_on_rabbitmq = rabbitmq.is_amqp(_settings.broker_url)
+task_queues = (
+    rabbitmq.task_queues(QUEUES, _settings.poison_after - 1)
+    if _on_rabbitmq
+    else [Queue(name, routing_key=name) for name in QUEUES]
+)
+if _on_rabbitmq:
+    # A message Celery cannot decode is dead-lettered rather than acknowledged and lost.
+    worker_consumer = "app.delivery.rabbitmq:TaskConsumer"
 # Celery's own default queue, where `send_task` without a queue and celery-node put jobs: the
 # workers take it as part of `default` (same weight, paused with it), so no job waits there.
 CELERY_DEFAULT_QUEUE_ALIAS = {"default": ("celery",)}

@@ -27,6 +27,10 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
 - drain: a worker (concurrency 2) draining 6,000 queued no-op jobs, the service's vs stock
   Celery's on kombu's own Redis transport with the same delivery settings (and stock with task
   events on, as the service's are), alternated, twice each
+- drain on RabbitMQ (issue 19, `--only rabbitmq`): the service's worker (concurrency 2, default
+  settings) draining 6,000 queued no-op jobs from RabbitMQ's quorum queues (the machine's
+  RabbitMQ, a virtual host `jobs_t_bench` made for the run and deleted) vs from Redis,
+  alternated, twice each
 - scheduled jobs (issue 13), each with 100,000 jobs (10,000 with `--quick`):
   - worker memory: peak RSS of the service's worker (concurrency 2) with the jobs scheduled an
     hour ahead (in the scheduled set, none held), vs the same worker idle; baseline: stock
@@ -93,6 +97,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -130,6 +135,7 @@ BENCHMARKS = (
     "flow_serial",
     "peers",
     "io_pools",
+    "rabbitmq",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -2642,6 +2648,113 @@ def bench_flow_serial(count: int, rounds: int = 2) -> dict[str, Any]:
     }
 
 
+#: RabbitMQ for the rabbitmq benchmark (the machine's, guest/guest) and its virtual host, made
+#: for the run and deleted after it.
+RABBIT_HOST = "127.0.0.1:5672"
+RABBIT_VHOST = "jobs_t_bench"
+
+
+def rabbit_drain_seconds(broker: str, count: int, concurrency: int) -> float:
+    """Publish `count` bench.incr messages to `default` on `broker`, then time one service
+    worker (default settings) from its first job to the last, by the Redis counter."""
+    from kombu.connection import Connection
+
+    from app.celery_app import JobsCelery
+    from app.delivery import rabbitmq
+    from app.settings import QUEUES
+    from bench.keys import INCR_COUNTER
+
+    client = redis_client()
+    client.delete(INCR_COUNTER)
+    producer = JobsCelery("bench", broker=broker, set_as_current=False)
+    if rabbitmq.is_amqp(broker):
+        # As the service's workers declare them: quorum queues on the topic exchange.
+        queues = rabbitmq.task_queues(QUEUES, 2)
+        producer.conf.update(task_queues=queues, task_default_queue="default")
+        with Connection(broker) as conn:
+            for queue in queues:
+                queue.bind(conn.default_channel).declare()
+    else:
+        client.delete("default")
+    with producer.producer_or_acquire() as p, p.batch(max_size=1000):
+        for i in range(count):
+            producer.send_task(
+                "bench.incr", args=[i], queue="default", producer=p, ignore_result=True
+            )
+    env = {"BROKER_URL": broker, "BENCH_REDIS_URL": os.environ["BROKER_URL"]}
+    process = worker(concurrency, env)
+    try:
+        wait_for(lambda: int(client.get(INCR_COUNTER) or 0) > 0, 120, "rabbitmq: start", process)
+        start = time.perf_counter()
+        wait_for(
+            lambda: int(client.get(INCR_COUNTER) or 0) >= count,
+            120 + count / 20,
+            f"draining {count} bench.incr on {broker.split(':')[0]}",
+            process,
+        )
+        return time.perf_counter() - start
+    finally:
+        stop_worker(process)
+
+
+def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:
+    """No-op drain rate of the service's worker on RabbitMQ (quorum queues, default settings)
+    vs on Redis (the service's transport), alternated `rounds` times."""
+    from bench.keys import INCR_COUNTER
+
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        raise RuntimeError("rabbitmq: rabbitmqctl is not installed")
+    client = redis_client()
+
+    def ctl(*args: str) -> None:
+        subprocess.run([rabbitmqctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_vhost", RABBIT_VHOST)
+    try:
+        ctl("set_permissions", "-p", RABBIT_VHOST, "guest", ".*", ".*", ".*")
+        sides = {
+            "redis": os.environ["BROKER_URL"],
+            "rabbitmq": f"amqp://guest:guest@{RABBIT_HOST}/{RABBIT_VHOST}",
+        }
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        counted: list[int] = []
+        for _ in range(rounds):
+            for side, broker in sides.items():
+                seconds = rabbit_drain_seconds(broker, count, concurrency)
+                rates[side].append(count / seconds)
+                counted.append(int(client.get(INCR_COUNTER) or 0))
+    finally:
+        ctl("delete_vhost", RABBIT_VHOST)
+    mean = {side: statistics.fmean(values) for side, values in rates.items()}
+
+    def listed(side: str) -> str:
+        return ", ".join(f"{r:.0f}" for r in rates[side])
+
+    return {
+        "name": "drain on RabbitMQ",
+        "size": count,
+        "baseline": f"service worker on Redis ({count:,} jobs, concurrency {concurrency}): "
+        f"{listed('redis')} jobs/s",
+        "measured": f"service worker on RabbitMQ, quorum queues: {listed('rabbitmq')} jobs/s",
+        "ratio": round(mean["rabbitmq"] / mean["redis"], 3),
+        "target": "every job ran once (rates reported; ratio: RabbitMQ / Redis jobs/s)",
+        "met": all(c == count for c in counted),
+        "jobs_per_s": {side: [round(r, 1) for r in values] for side, values in rates.items()},
+        "counted": counted,
+        "note": (
+            "Alternated Redis, RabbitMQ, twice. The same service worker (its whole "
+            "celeryconfig: task_acks_late, prefetch 1, task events on, prefork concurrency 2, "
+            "queues urgent, default and low) and the same task body (bench.incr: INCR a counter "
+            "in the benchmark's Redis, on both sides), timed from the first job to the last by "
+            "that counter. On RabbitMQ the queues are quorum queues (Raft-replicated log, "
+            "fsynced: a single node here) on the topic exchange `jobs`, in a virtual host made "
+            f"for the run ({RABBIT_VHOST}, deleted after); the worker also consumes the "
+            "dead-letter queue and has set up the native delayed-delivery queues."
+        ),
+    }
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -2755,6 +2868,7 @@ def main() -> int:
         "flow_serial": lambda: [bench_flow_serial(50 if quick else 200, rounds=1 if quick else 2)],
         "peers": lambda: [peers.bench_peers(1_000 if quick else 6_000, rounds=1 if quick else 2)],
         "io_pools": lambda: [io_pools.bench_io_pools(300 if quick else 1_500)],
+        "rabbitmq": lambda: [bench_rabbitmq(1_000 if quick else 6_000)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

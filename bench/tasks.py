@@ -152,6 +152,8 @@ def _client() -> Any:
     if _redis is None or _redis_pid != os.getpid():
         import redis
 
-        _redis = redis.Redis.from_url(redis_client_url(os.environ["BROKER_URL"]) or "")
+        # BENCH_REDIS_URL: the benchmark's Redis when the broker is not Redis (RabbitMQ).
+        url = os.environ.get("BENCH_REDIS_URL") or redis_client_url(os.environ["BROKER_URL"])
+        _redis = redis.Redis.from_url(url or "")
         _redis_pid = os.getpid()
     return _redis

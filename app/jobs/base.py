@@ -44,7 +44,7 @@ from kombu.utils import json as kombu_json
 
 from app.celery_app import celery_app
 from app.db import after_commit, after_rollback, open_session, session_scope
-from app.delivery import flow, outbox
+from app.delivery import flow, outbox, rabbitmq
 from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
 from app.delivery.envelope import decoded_body
 from app.delivery.flow import EXPIRES_HEADER, UNIQUE_HEADER, Limit, Rate
@@ -636,7 +636,8 @@ def _header(request: Any, name: str) -> Any:
 
 def _delivered_queue(request: Any) -> str | None:
     info = getattr(request, "delivery_info", None) or {}
-    return info.get("routing_key") or None
+    # (A job that waited in RabbitMQ's delay queues arrives under a key prefixed with its delay.)
+    return rabbitmq.undelayed_routing_key(info.get("routing_key") or "") or None
 
 
 def route_by_queue_as(

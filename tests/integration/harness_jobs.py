@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from app import celery
 from app.db import session_scope
 from app.delivery.flow import Limit, Rate
+from app.delivery.rabbitmq import undelayed_routing_key
 from app.jobs.base import EXECUTIONS_HEADER, job
 from app.jobs.policies import RetryOn
 from app.models import Product
@@ -62,7 +63,8 @@ def scripted_on_worker(token: str) -> str:
             "started": time.time(),
             "attempt": request.retries + 1,
             "executions": dict(getattr(request, EXECUTIONS_HEADER, None) or {}),
-            "queue": request.delivery_info.get("routing_key"),
+            # (without the delay prefix a retry that waited in RabbitMQ arrives under)
+            "queue": undelayed_routing_key(request.delivery_info.get("routing_key") or ""),
         }
     )
     outcome = SCRIPTS[token].pop(0)
@@ -240,6 +242,12 @@ def rated(token: str, group: str) -> None:
 def unique(token: str, seconds: float) -> None:
     """One per token queued, scheduled or running at once."""
     _record_span(token, "unique", unique.request, seconds)
+
+
+@job("jobs.test_unique_record", unique_for=120, unique_key=lambda token, n: token)
+def unique_record(token: str, n: int) -> int:
+    """One per token queued or running at once (on Redis); records a product `token-n`."""
+    return int(create_product.run(f"{token}-{n}", 0))
 
 
 @job("jobs.test_expiring", expires_in=2)
