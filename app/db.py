@@ -24,7 +24,7 @@ CLIENT_KEEPALIVES = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
     # (sent but unacknowledged data: keepalives do not cover it)
-    "tcp_user_timeout": 15000,
+    "tcp_user_timeout": 10000,
 }
 #: The same for the server's side, set per session: a worker host that vanished inside a
 #: transaction would otherwise keep its row locks until the server's keepalive (2 h by
@@ -33,7 +33,7 @@ SERVER_KEEPALIVES = {
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "15000",
+    "tcp_user_timeout": "10000",
 }
 
 _engine: Engine | None = None

@@ -129,6 +129,8 @@ class Network:
         """Delete every namespace and link of this run (deleting a namespace deletes its veth)."""
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
         mine = f"{PREFIX}{self.run}"
+        for host in self.hosts.values():  # (a namespace's own deletion may lag behind)
+            subprocess.run(["ip", "link", "delete", host.port], capture_output=True)
         for line in listed.stdout.splitlines():
             namespace = line.split(" ", 1)[0]
             if namespace.startswith(mine) and not namespace[len(mine)].isdigit():
