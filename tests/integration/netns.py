@@ -13,19 +13,28 @@ where they cannot be made. Every name starts with `jh`; `Network.close()` delete
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import psycopg
 import pytest
+
+from app.scratch import libpq_conninfo
 
 #: Every namespace, bridge and veth this module makes starts with this.
 PREFIX = "jh"
 #: The /16 every address this module hands out lies in.
 SUBNET = "10.231"
+#: The ports of the Redis and PostgreSQL servers started on a host.
+REDIS_PORT, PG_PORT = 6500, 5500
 
 
 def _ip(*args: str) -> None:
@@ -143,3 +152,65 @@ class Network:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def server(args: list[str], log: Path, stop: signal.Signals) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process (in a namespace), stopped with `stop` and then, if need be, SIGKILL."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.send_signal(stop)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def postgres_on(host: Host, log: Path) -> tuple[list[str], str]:
+    """Make a cluster in a fresh directory (as user postgres); return how to run it, its dir."""
+    bin_dir = postgres_bin()
+    assert bin_dir is not None
+    data = tempfile.mkdtemp(prefix="jh-pg-")
+    shutil.chown(data, "postgres", "postgres")
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups"]
+    with open(log, "ab") as out:
+        subprocess.run(
+            [*as_postgres, f"{bin_dir}/initdb", "-D", data, "-U", "root", "--auth=trust"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=120,
+        )
+    with open(os.path.join(data, "pg_hba.conf"), "a") as hba:
+        hba.write("host all all 10.231.0.0/16 trust\n")
+    run = host.command(
+        [
+            *as_postgres,
+            f"{bin_dir}/postgres",
+            "-D",
+            data,
+            "-p",
+            str(PG_PORT),
+            "-c",
+            f"listen_addresses={host.address}",
+            "-c",
+            f"unix_socket_directories={data}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ]
+    )
+    return run, data
+
+
+def accepts(url: str) -> bool:
+    try:
+        with psycopg.connect(libpq_conninfo(url), connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
