@@ -2,9 +2,10 @@
 
 Hosts of their own on this machine (tests/integration/netns.py; root and iproute2): Redis and
 PostgreSQL on one, a worker (`celery -A app worker`, default delivery settings) on each of two
-others. Each round, the first worker takes two 4 s jobs; then its host's link goes down (a
-cut) or its process group is SIGKILLed (the baseline, in the same run, on the same hosts); the
-time until both jobs start on the other worker is measured. Reported against the heartbeat
+others. Each round, the first worker takes two 20 s jobs; the second starts, and once its
+heartbeat has run for the timeout (a worker recovers nobody before that), the first worker's
+host has its link cut, or its process group is SIGKILLed (the baseline, in the same run, on the
+same hosts); the time until both jobs start on the other worker is measured. Reported against the heartbeat
 window: a worker is dead once its beat is `WORKER_HEARTBEAT_TIMEOUT` (5 s) old, and beats
 every second.
 """
@@ -34,7 +35,9 @@ LOGS = ROOT / "bench" / "results" / "hosts"
 #: Settings the workers never inherit: the benchmark measures the defaults.
 OVERRIDES = ("BROKER_VISIBILITY_TIMEOUT", "WORKER_HEARTBEAT_TIMEOUT", "POISON_AFTER")
 HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL = 5.0, 1.0
-JOB_SECONDS = 4.0
+#: Long enough to still run when the cut comes (the other worker is started and has beaten for
+#: the heartbeat timeout by then: a worker recovers nobody before that).
+JOB_SECONDS = 20.0
 
 
 def _wait(condition: Any, timeout: float, what: str) -> None:
@@ -135,7 +138,7 @@ def bench_hosts(rounds: int) -> dict[str, Any]:
         stack.callback(victim_host.restore)
         for index in range(2 * rounds):
             how = "cut" if index % 2 == 0 else "kill"
-            survivor.kill()  # (started after the victim holds its jobs, so it takes none)
+            client.flushdb()  # (what the last round's killed workers held is no concern here)
             victim.start()
             assert victim.process is not None
             skus = [f"{how}-{index}-{n}" for n in range(2)]
@@ -146,8 +149,9 @@ def bench_hosts(rounds: int) -> dict[str, Any]:
             pid = victim.process.pid
             _wait(lambda p=pid: _holds(client, p) == 2, 30, "the victim holds both jobs")
             _wait(lambda k=skus: all(victim.started(s) for s in k), 30, "both jobs started")
-            survivor.start()
-            time.sleep(0.2 + 0.8 * (index % 5) / 4)  # (no fixed heartbeat phase)
+            survivor.start()  # (after the victim holds its jobs, so that it takes none)
+            # Once its heartbeat has run for the timeout it may recover; at no fixed phase.
+            time.sleep(HEARTBEAT_TIMEOUT + 0.5 + (index % 5) / 4)
             began = time.monotonic()
             if how == "cut":
                 victim_host.cut()
@@ -156,6 +160,7 @@ def bench_hosts(rounds: int) -> dict[str, Any]:
             _wait(lambda k=skus: all(survivor.started(s) for s in k), 60, "held jobs run again")
             times[how].append(time.monotonic() - began)
             victim.kill()
+            survivor.kill()
             victim_host.restore()
     cut, kill = times["cut"], times["kill"]
     window = HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL
