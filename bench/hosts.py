@@ -5,9 +5,9 @@ PostgreSQL on one, a worker (`celery -A app worker`, default delivery settings) 
 others. Each round, the first worker takes two 20 s jobs; the second starts, and once its
 heartbeat has run for the timeout (a worker recovers nobody before that), the first worker's
 host has its link cut, or its process group is SIGKILLed (the baseline, in the same run, on the
-same hosts); the time until both jobs start on the other worker is measured. Reported against the heartbeat
-window: a worker is dead once its beat is `WORKER_HEARTBEAT_TIMEOUT` (5 s) old, and beats
-every second.
+same hosts); the time until both jobs start on the other worker is measured. Reported against
+the heartbeat window: a worker is dead once its beat is `WORKER_HEARTBEAT_TIMEOUT` (5 s) old,
+and beats every second.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -147,9 +148,10 @@ def held_by(client: redis.Redis, pid: int) -> dict[str, str]:
     for state in workers(client):
         if state.info.get("pid") != pid:
             continue
-        for raw in client.smembers(keys.held(state.worker)):  # type: ignore[union-attr]
+        members: Any = client.smembers(keys.held(state.worker))
+        for raw in members:
             tag = bytes(raw).decode()
-            record = client.hget("unacked", tag)
+            record: Any = client.hget("unacked", tag)
             match = re.search(rb'"id": "([0-9a-f-]{36})"', bytes(record or b""))
             if match:
                 found[tag] = match.group(1).decode()
