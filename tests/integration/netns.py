@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,14 @@ def postgres_bin() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def require_namespaces(postgres: bool = True, redis: bool = True) -> None:
     """Skip the calling test, with the reason, where hosts of this module cannot be built."""
     if os.geteuid() != 0:
@@ -60,6 +69,8 @@ def require_namespaces(postgres: bool = True, redis: bool = True) -> None:
         pytest.skip("network namespaces need iproute2's `ip`, not found on PATH")
     if postgres and postgres_bin() is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin")
+    if postgres and (shutil.which("setpriv") is None or not _has_user("postgres")):
+        pytest.skip("PostgreSQL's server runs as user postgres (via setpriv): no such user or tool")
     if redis and shutil.which("redis-server") is None:
         pytest.skip("no redis-server on PATH")
     probe = f"{PREFIX}probe{os.getpid() % 100000}"
