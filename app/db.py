@@ -8,13 +8,34 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_database_url
 
 logger = logging.getLogger(__name__)
+
+#: TCP keepalives of this process's side of each connection (libpq parameters): a database
+#: host that vanished (a cut link, a dead machine) is noticed within about 11 s, not hours.
+CLIENT_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    # (sent but unacknowledged data: keepalives do not cover it)
+    "tcp_user_timeout": 10000,
+}
+#: The same for the server's side, set per session: a worker host that vanished inside a
+#: transaction would otherwise keep its row locks until the server's keepalive (2 h by
+#: default) ends its session, and the jobs taken over from it would wait behind them.
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
 
 _engine: Engine | None = None
 _session_factory: sessionmaker[Session] | None = None
@@ -42,7 +63,9 @@ def get_engine() -> Engine:
                 pool_pre_ping=True,
                 pool_size=_pool_size,
                 max_overflow=_max_overflow,
+                connect_args=dict(CLIENT_KEEPALIVES),
             )
+            event.listen(_engine, "connect", _set_server_keepalives)
             _session_factory = sessionmaker(bind=_engine, expire_on_commit=False)
         return _engine
 
@@ -57,6 +80,19 @@ def size_pool(connections: int) -> None:
         if _engine is not None and _engine.pool.size() != connections:  # type: ignore[attr-defined]
             _engine.dispose()
             _engine = None
+
+
+def _set_server_keepalives(connection: Any, _record: Any) -> None:
+    # (a SET per session, not a startup `options`: poolers such as PgBouncer refuse those)
+    cursor = connection.cursor()
+    try:
+        settings = ", ".join(
+            f"set_config('{k}', '{v}', false)" for k, v in SERVER_KEEPALIVES.items()
+        )
+        cursor.execute(f"SELECT {settings}")
+    finally:
+        cursor.close()
+    connection.commit()
 
 
 def _forget_parent_connections() -> None:

@@ -82,6 +82,10 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
     drained by two workers at concurrency 4, twice (once); the time from the enqueue to the
     last job's end against the ideal of running them back to back (200 x 20 ms), with every
     job run exactly once and never two at a time (each records its start and end)
+- hosts (issue 19; bench/hosts.py; root and iproute2): Redis and PostgreSQL on one network
+  namespace, a worker on each of two others; a worker holding two 4 s jobs has its host's link
+  cut, 4 times (2 with `--quick`), alternated with as many SIGKILLs of it (the baseline); the
+  time until its jobs start on the other host, p50 and max, against the heartbeat window
 
 Workers log to bench/results/worker.log.
 """
@@ -136,6 +140,7 @@ BENCHMARKS = (
     "peers",
     "io_pools",
     "rabbitmq",
+    "hosts",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -1111,6 +1116,13 @@ def bench_recovery(kills: int, stock_wait: float, short_kills: int) -> list[dict
             }
         )
     return results
+
+
+def bench_hosts(rounds: int) -> dict[str, Any]:
+    """Recovery after a worker host is cut off (bench/hosts.py)."""
+    from bench.hosts import bench_hosts as run
+
+    return run(rounds)
 
 
 def bench_drain(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:
@@ -2869,6 +2881,7 @@ def main() -> int:
         "peers": lambda: [peers.bench_peers(1_000 if quick else 6_000, rounds=1 if quick else 2)],
         "io_pools": lambda: [io_pools.bench_io_pools(300 if quick else 1_500)],
         "rabbitmq": lambda: [bench_rabbitmq(1_000 if quick else 6_000)],
+        "hosts": lambda: [bench_hosts(2 if quick else 4)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

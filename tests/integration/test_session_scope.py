@@ -53,3 +53,28 @@ def test_a_forked_child_opens_its_own_connection(services: Services) -> None:
     assert child_pid != parent_pid
     with get_engine().connect() as conn:  # the parent's connection is intact and still its own
         assert conn.scalar(text("SELECT pg_backend_pid()")) == parent_pid
+
+
+def test_both_ends_of_a_connection_notice_a_vanished_peer_within_seconds(
+    services: Services,
+) -> None:
+    """A worker host cut off inside a transaction must not keep its row locks for the
+    server's default two hours (test_several_hosts.py shows the jobs that wait on them)."""
+    dispose_engine()
+    with session_scope() as session:
+        if session.scalar(text("SELECT inet_server_addr()")) is None:
+            pytest.skip(
+                "the database is reached over a Unix socket, where TCP keepalives do not apply"
+            )
+        server = {
+            name: session.scalar(text(f"SHOW {name}"))
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+        }
+        session.execute(text("SELECT 1"))
+        client = session.connection().connection.driver_connection.info.get_parameters()  # type: ignore[union-attr]
+    assert server == {
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+    }
+    assert (client["keepalives_idle"], client["keepalives_count"]) == ("5", "3")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,16 @@ HOT_CHANGES, ORDERS, PAYMENTS, EMAILS = 2710, 60, 80, 150
 class CrashingWorker:
     """A worker process group that can be killed outright and started again."""
 
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path,
+        concurrency: int = 2,
+        prefix: Sequence[str] = (),
+        name: str = "crash",
+    ) -> None:
         self.env, self.log, self.concurrency = env, log, concurrency
+        self.prefix, self.name = list(prefix), name  # (prefix: run it elsewhere, see netns.py)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -84,6 +93,7 @@ class CrashingWorker:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "celery",
@@ -94,7 +104,7 @@ class CrashingWorker:
                     "--concurrency",
                     str(self.concurrency),
                     "--hostname",
-                    f"crash-{self.starts}@%h",
+                    f"{self.name}-{self.starts}@%h",
                 ],
                 cwd=ROOT,
                 env=self.env,
