@@ -8,6 +8,11 @@ both decide and act:
   worker releases the key (only if it still names the job) when the job succeeds, is
   discarded, dies or expires; a retry keeps it. A killed worker's job is put back in its queue
   by the heartbeat recovery and still holds the key (it is still queued) until that run ends.
+  A job enqueued inside a database transaction (the outbox) exists only once that commits, so
+  the claim notes the transaction's id (`txid_current()`, beside the key); a later enqueue
+  refused by a claim whose transaction PostgreSQL reports aborted (the enqueuing process died
+  before its commit, or rolled back without running its callbacks) takes the key over, rather
+  than be refused for the key's lifetime by a job that will never run.
 - **Concurrency limits and rate limits** are decided by the worker's channel when it takes a
   message (`admit`, script ADMIT), before the job reaches the pool. A job over a limit is moved,
   in the same step, from its delivery into the scheduled set: nothing spins, and no worker
@@ -133,12 +138,33 @@ def key_part(
 
 # Unique jobs --------------------------------------------------------------------------------
 
-#: Claims KEYS[1] for ARGV[1] for ARGV[2] ms; returns the holder's task id (ARGV[1] if claimed).
+#: Claims KEYS[1] for ARGV[1] for ARGV[2] ms, noting in KEYS[2] the claiming transaction
+#: ARGV[3] ('' outside one); returns {holder's task id, holder's transaction or false}.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return ARGV[1]
+  if ARGV[3] ~= '' then
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  else
+    redis.call('DEL', KEYS[2])
+  end
+  return {ARGV[1], false}
 end
-return redis.call('GET', KEYS[1]) or false
+return {redis.call('GET', KEYS[1]) or false, redis.call('GET', KEYS[2]) or false}
+"""
+
+#: Takes KEYS[1] over from task ARGV[1] of transaction ARGV[2] (if both still hold it) for
+#: task ARGV[3] of transaction ARGV[5] ('' none) for ARGV[4] ms. Returns 1 if taken.
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
+  else
+    redis.call('DEL', KEYS[2])
+  end
+  return 1
+end
+return 0
 """
 
 #: Deletes KEYS[1] if it still names ARGV[1]. Returns 1 if deleted.
@@ -150,13 +176,52 @@ return 0
 """
 
 
-def claim_unique(client: redis.Redis, key: str, task_id: str, ttl: float) -> str:
-    """Claim `key` for `task_id` for `ttl` seconds; the task id that holds it afterwards."""
+@dataclass(frozen=True)
+class Claim:
+    """Who holds a unique key after a claim: a task id, and the PostgreSQL transaction that
+    claimed it, if it was claimed inside one (until that commits, the job may never exist)."""
+
+    holder: str
+    transaction: str | None
+
+
+def claim_unique(
+    client: redis.Redis, key: str, txn_key: str, task_id: str, ttl: float, transaction: str = ""
+) -> Claim:
+    """Claim `key` for `task_id` for `ttl` seconds (inside `transaction`, if given)."""
     for _ in range(3):  # the holder's key may lapse between SET and GET: claim again
-        holder = client.eval(_CLAIM, 1, key, task_id, max(1, int(ttl * 1000)))
+        holder, holder_transaction = client.eval(
+            _CLAIM, 2, key, txn_key, task_id, max(1, int(ttl * 1000)), transaction
+        )
         if holder:
-            return holder.decode() if isinstance(holder, bytes) else str(holder)
-    return task_id
+            return Claim(_text(holder), _text(holder_transaction) if holder_transaction else None)
+    return Claim(task_id, transaction or None)
+
+
+def take_over_unique(
+    client: redis.Redis,
+    key: str,
+    txn_key: str,
+    stale: Claim,
+    task_id: str,
+    ttl: float,
+    transaction: str = "",
+) -> bool:
+    """Claim `key` from `stale` (a holder whose transaction never committed) if it still
+    holds it."""
+    return bool(
+        client.eval(
+            _TAKE_OVER,
+            2,
+            key,
+            txn_key,
+            stale.holder,
+            stale.transaction or "",
+            task_id,
+            max(1, int(ttl * 1000)),
+            transaction,
+        )
+    )
 
 
 def release_unique(client: redis.Redis, key: str, task_id: str) -> bool:

@@ -25,6 +25,9 @@ SCHEDULE = NAMESPACE + "schedule"
 SCHEDULE_MESSAGES = NAMESPACE + "schedule:messages"
 #: Flow control (app.delivery.flow): a unique job's key -> its task id (with the TTL).
 UNIQUE = NAMESPACE + "unique:"  # + job name and key
+#: The PostgreSQL transaction (txid) that claimed a unique key, when one did (same suffix and
+#: TTL as the key): a claim whose transaction never committed is taken over, not obeyed.
+UNIQUE_TXN = NAMESPACE + "unique_txn:"  # + job name and key
 #: A concurrency limit's holders (zset `worker|task id` -> expiry) and `<that>:waiting` (list).
 LIMIT = NAMESPACE + "limit:"  # + job name and key
 #: Every concurrency limit in use (hash: holders key -> JSON [to, duration]), for recovery.

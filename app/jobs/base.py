@@ -41,9 +41,11 @@ from celery.exceptions import (
 from celery.result import AsyncResult
 from celery.utils import uuid
 from kombu.utils import json as kombu_json
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from app.celery_app import celery_app
-from app.db import after_commit, after_rollback, open_session, session_scope
+from app.db import after_commit, after_rollback, get_engine, open_session, session_scope
 from app.delivery import flow, outbox, rabbitmq
 from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
 from app.delivery.envelope import decoded_body
@@ -542,8 +544,29 @@ def _claim_unique(prepared: Prepared, producer: Any = None) -> str | None:
         logger.warning("%s: unique_for needs a Redis broker; enqueued without it", job.name)
         return None
     client, keys = store
-    key = keys.unique + part
-    holder = flow.claim_unique(client, key, prepared.task_id, job.unique_for)
+    key, txn_key = keys.unique + part, keys.unique_txn + part
+    session = open_session()
+    transaction = "" if session is None else str(session.scalar(text("SELECT txid_current()")))
+    claim = flow.claim_unique(client, key, txn_key, prepared.task_id, job.unique_for, transaction)
+    if (
+        claim.holder != prepared.task_id
+        and claim.transaction is not None
+        and _never_committed(claim.transaction)
+        and flow.take_over_unique(
+            client, key, txn_key, claim, prepared.task_id, job.unique_for, transaction
+        )
+    ):
+        logger.warning(
+            "unique key %s of %s was held by job %s, whose enqueuing transaction never "
+            "committed (its process died first); job %s takes it",
+            part,
+            job.name,
+            claim.holder,
+            prepared.task_id,
+            extra={"job": job.name, "task_id": prepared.task_id, "event": "unique_taken_over"},
+        )
+        claim = flow.Claim(prepared.task_id, transaction or None)
+    holder = claim.holder
     if holder != prepared.task_id:
         logger.info(
             "job not enqueued %s: job %s with the same unique key (%s) is queued, scheduled "
@@ -565,6 +588,21 @@ def _claim_unique(prepared: Prepared, producer: Any = None) -> str | None:
 
     after_rollback(undo)
     return None
+
+
+def _never_committed(transaction: str) -> bool:
+    """Whether PostgreSQL reports the transaction `transaction` (a txid) aborted: it ended
+    without a commit, by a rollback or because its session died. In progress or committed, or
+    not known (a txid older than PostgreSQL keeps the status of), it is not. Asked on a
+    connection of its own: an error must not abort the caller's transaction."""
+    query = text("SELECT txid_status(CAST(:txid AS bigint))")
+    try:
+        with get_engine().connect() as connection:
+            status = connection.scalar(query, {"txid": transaction})
+    except (DBAPIError, ValueError):
+        logger.debug("could not read the status of transaction %s", transaction, exc_info=True)
+        return False
+    return bool(status == "aborted")
 
 
 def _release_unique(prepared: Prepared) -> None:

@@ -5,6 +5,9 @@ python -m tests.integration.outbox_producer wait TOKEN COUNT
     "staged", wait for a line on stdin, commit, print "committed"
 python -m tests.integration.outbox_producer die TOKEN
     enqueue one job and die (SIGKILL) right after the commit, before its publish
+python -m tests.integration.outbox_producer unique TOKEN
+    enqueue `jobs.test_unique(TOKEN, 0)` (unique per TOKEN), print its task id, wait for a
+    line on stdin (the test SIGKILLs it first: the transaction never commits), commit
 python -m tests.integration.outbox_producer inventory PRODUCTS COUNT
     enqueue COUNT `jobs.update_inventory` (+1, a key each) over PRODUCTS (comma-separated
     ids) in one perform_all_later, commit, print "committed"
@@ -19,7 +22,7 @@ import sys
 from app.db import after_commit, session_scope
 from app.jobs.base import perform_all_later
 from app.jobs.update_inventory import update_inventory
-from tests.integration.harness_jobs import record_run
+from tests.integration.harness_jobs import record_run, unique
 
 
 def main(mode: str, *args: str) -> None:
@@ -38,6 +41,10 @@ def main(mode: str, *args: str) -> None:
             # Runs first of the after-commit callbacks: the commit is done, the publish not.
             after_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
             record_run.delay(args[0])
+    elif mode == "unique":
+        with session_scope():
+            print(unique.delay(args[0], 0).id, flush=True)
+            sys.stdin.readline()
     elif mode == "inventory":
         products, count = [int(p) for p in args[0].split(",")], int(args[1])
         with session_scope():

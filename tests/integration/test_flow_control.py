@@ -168,6 +168,43 @@ def test_a_unique_job_is_enqueued_once_while_queued_or_running_then_again_once_d
     assert not list(client.scan_iter(match=KEYS.unique + "*"))
 
 
+def test_a_unique_key_claimed_by_a_transaction_that_never_commits_does_not_refuse_later_jobs(
+    services: Services, tmp_path: Path
+) -> None:
+    """A process that enqueues a unique job inside a transaction and dies before its commit
+    leaves the key claimed, for a job that will never exist. While that transaction is open
+    the key refuses; once PostgreSQL has ended it, the next enqueue takes the key over."""
+    from tests.integration.test_outbox import producer as outbox_producer
+
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    dying = outbox_producer(services, broker, "unique", "orphan")
+    assert dying.stdout is not None
+    staged = dying.stdout.readline().strip()
+    assert staged
+    with job_producer(broker) as producer:
+        # Its transaction is open: it may yet commit, so the key holds.
+        assert unique.apply_async(["orphan", 0], producer=producer).id == staged
+        dying.kill()  # SIGKILL before the commit: the job never existed
+        dying.wait()
+        # PostgreSQL ends the dead session's transaction as soon as it sees the socket close.
+        taken = wait_until(
+            lambda: (i := unique.apply_async(["orphan", 0], producer=producer).id) != staged and i,
+            timeout=30,
+        )
+        assert client.get(KEYS.unique + "jobs.test_unique:orphan") == taken.encode()
+        # The new holder is a job that exists: the next enqueue is refused in its favour.
+        assert unique.apply_async(["orphan", 0], producer=producer).id == taken
+        with workers(worker_env(services, broker), tmp_path, 1):
+            wait_until(lambda: client.llen(FLOW_KEY) == 1, timeout=30)
+            wait_until(
+                lambda: not client.exists(KEYS.unique + "jobs.test_unique:orphan"), timeout=30
+            )
+    assert [e["id"] for e in spans(client)] == [taken]
+    assert not list(client.scan_iter(match=KEYS.unique + "*"))
+
+
 def test_a_sigkilled_workers_slots_and_unique_key_come_back(
     services: Services, tmp_path: Path
 ) -> None:
