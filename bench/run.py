@@ -26,7 +26,7 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
   visibility timeout (not back within a bounded wait) and, for scale, with 30 s
 - drain: a worker (concurrency 2) draining 6,000 queued no-op jobs, the service's vs stock
   Celery's on kombu's own Redis transport with the same delivery settings (and stock with task
-  events on, as the service's are), alternated, twice each
+  events on, for scale), alternated, twice each
 - drain on RabbitMQ (issue 19, `--only rabbitmq`): the service's worker (concurrency 2, default
   settings) draining 6,000 queued no-op jobs from RabbitMQ's quorum queues (the machine's
   RabbitMQ, a virtual host `jobs_t_bench` made for the run and deleted) vs from Redis,
@@ -86,6 +86,14 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
   namespace, a worker on each of two others; a worker holding two 4 s jobs has its host's link
   cut, 4 times (2 with `--quick`), alternated with as many SIGKILLs of it (the baseline); the
   time until its jobs start on the other host, p50 and max, against the heartbeat window
+- peers (issue 20; bench/peers.py): 6,000 no-op jobs (INCR a counter; 1,000 with `--quick`)
+  drained by stock Celery (prefork 2, the service's delivery settings), the service's worker
+  (prefork 2; the threads pool, 16 threads and two workers of 8) and Dramatiq (2 processes x 1
+  thread, and x 8, its default) on the same Redis; twice each (once), the order rotated
+- I/O-bound pools (`io_pools`, issue 20; bench/io_pools.py): 1,500 `send_email` and 1,500
+  `process_payment` jobs (300 each with `--quick`) against the development SMTP server and
+  gateway each answering after 20 ms, drained by prefork 2 (the baseline) and the threads pool
+  (16 threads; two workers of 8)
 
 Workers log to bench/results/worker.log.
 """
@@ -266,7 +274,7 @@ def celery_worker(
     """A worker of the service (`celery -A app`, with the benchmark jobs) or of the stock
     baseline (`celery -A bench.stock_app`), logging to WORKER_LOG; with `own_session`, the
     leader of a process group of its own (worker and pool), for os.killpg. `task_events`
-    turns on a stock worker's task events (the service's celeryconfig always sends them).
+    turns on a stock worker's task events (the service's follow TASK_EVENTS, off by default).
     The variables in `unset` are not passed on.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1128,9 +1136,8 @@ def bench_hosts(rounds: int) -> dict[str, Any]:
 def bench_drain(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:
     """No-op drain rate: the service's worker vs stock Celery's, alternated `rounds` times.
 
-    Stock Celery is also run with task events on (`--task-events`), since the service's
-    celeryconfig sends them (`worker_send_task_events`, for Flower): that pair compares the
-    delivery paths with the same event traffic.
+    Stock Celery is also run with task events on (`--task-events`), the cost the service's
+    worker paid before TASK_EVENTS (off by default) turned them off: shown for scale.
     """
     from bench.keys import INCR_COUNTER
 
@@ -1165,7 +1172,7 @@ def bench_drain(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, 
             f"{listed('stock')} jobs/s; with task events: {listed('stock_events')} jobs/s"
         ),
         "measured": (
-            f"service worker (task events on): {listed('service')} jobs/s; "
+            f"service worker (task events off, the default): {listed('service')} jobs/s; "
             f"vs stock with task events: {events_ratio:.3f}"
         ),
         "ratio": round(mean["service"] / mean["stock"], 3),
@@ -1181,12 +1188,9 @@ def bench_drain(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, 
             f"{per_round('stock_events')}). All run the same task body (INCR a Redis counter) "
             "with task_acks_late, worker_prefetch_multiplier 1, task_reject_on_worker_lost, "
             "prefork concurrency 2, on queues urgent, default and low; the service's worker "
-            "runs its whole celeryconfig. What limits it (py-spy on the worker and its pool): "
-            "the worker's main process is the bottleneck on both sides, and about half of the "
-            "service's goes to publishing task events (worker_send_task_events, one Redis "
-            "PUBLISH per event, three events per job), which stock Celery does not send unless "
-            "told; its fetch script and acknowledgement script take less of it than kombu's "
-            "BRPOP, record pipeline and ack pipeline do in stock."
+            "runs its whole celeryconfig (task events off unless TASK_EVENTS=true; with them "
+            "on, about half of its main process went to publishing them, three PUBLISHes a "
+            "job). The worker's main process is the bottleneck on both sides (py-spy)."
         ),
     }
 
