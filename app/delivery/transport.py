@@ -636,6 +636,13 @@ class Channel(kombu_redis.Channel):
         agent, self._heartbeat = self._heartbeat, None
         try:
             super().close()  # puts back what it holds, unless Redis is gone
+        except AttributeError:
+            # Seen on a sentinel failover: Celery closes the connection after its transport
+            # was closed, so kombu cannot make a pool again to put back what the channel held
+            # and would stop the worker. The heartbeat recovery puts it back instead.
+            if getattr(self.connection, "client", None) is not None:
+                raise
+            logger.warning("channel closed after its transport; what it held is recovered")
         finally:
             # Stop beating either way: what could not be put back now is recovered when the
             # beat lapses, by any live worker.

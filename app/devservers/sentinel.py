@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.sentinel import MasterNotFoundError, Sentinel
@@ -116,7 +117,7 @@ class SentinelCluster:
     def _sentinels_ready(self, replicas: int, others: int) -> bool:
         for port in self.sentinel_ports:
             client = redis.Redis(host=HOST, port=port, socket_timeout=1, decode_responses=True)
-            fields = client.sentinel_master(self.master)
+            fields: Any = client.sentinel_master(self.master)
             if int(fields["num-slaves"]) < replicas or int(fields["num-other-sentinels"]) < others:
                 return False
         return True
