@@ -78,6 +78,11 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
     last job's end against the ideal of running them back to back (200 x 20 ms), with every
     job run exactly once and never two at a time (each records its start and end)
 
+- Redis with failover (`sentinel`, bench/sentinel.py): jobs lost per failover (a primary
+  SIGKILLed under a producer publishing at up to 1,000 jobs/s through sentinel://), with
+  Redis's default asynchronous replication (the baseline), with BROKER_WAIT_REPLICAS=1, and
+  with min-replicas-to-write 1; three failovers each (one with `--quick`), about 1.5 minutes
+
 Workers log to bench/results/worker.log.
 """
 
@@ -127,6 +132,7 @@ BENCHMARKS = (
     "job_batches",
     "flow_overhead",
     "flow_serial",
+    "sentinel",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -203,11 +209,9 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def redis_client() -> Any:
-    import redis
+    from app.delivery.clients import broker_client
 
-    from app.settings import redis_client_url
-
-    return redis.Redis.from_url(redis_client_url(os.environ["BROKER_URL"]) or "")
+    return broker_client(os.environ["BROKER_URL"])
 
 
 def wait_for(
@@ -2628,6 +2632,13 @@ def bench_flow_serial(count: int, rounds: int = 2) -> dict[str, Any]:
     }
 
 
+def sentinel_bench(failovers: int) -> dict[str, Any]:
+    """The `sentinel` benchmark (bench/sentinel.py): jobs lost per failover."""
+    from bench.sentinel import bench_sentinel
+
+    return bench_sentinel(failovers)
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -2737,6 +2748,7 @@ def main() -> int:
             enqueue_count=1_000 if quick else 4_000,
         ),
         "flow_serial": lambda: [bench_flow_serial(50 if quick else 200, rounds=1 if quick else 2)],
+        "sentinel": lambda: [sentinel_bench(1 if quick else 3)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

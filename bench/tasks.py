@@ -16,7 +16,6 @@ from typing import Any
 from app import celery
 from app.delivery.flow import Limit, Rate
 from app.jobs.base import job
-from app.settings import redis_client_url
 from bench.keys import (
     DUE_STARTS,
     FLOW_COUNTER,
@@ -144,8 +143,8 @@ def _client() -> Any:
     # One client per process: a prefork child must not reuse a socket its parent opened.
     global _redis, _redis_pid
     if _redis is None or _redis_pid != os.getpid():
-        import redis
+        from app.delivery.clients import broker_client
 
-        _redis = redis.Redis.from_url(redis_client_url(os.environ["BROKER_URL"]) or "")
+        _redis = broker_client(os.environ["BROKER_URL"])
         _redis_pid = os.getpid()
     return _redis

@@ -634,12 +634,21 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         agent, self._heartbeat = self._heartbeat, None
+        if self._in_poll and not self.closed:
+            # kombu's close reads the pending fetch's reply first and lets a connection error
+            # out, before the channel counts as closed; Celery then closes the transport and
+            # closes this channel again with no connection to make a pool from, which raised
+            # AttributeError and stopped the worker (seen in a sentinel failover). The
+            # connection is gone: forget the reply; what the channel holds is put back below,
+            # or by the heartbeat recovery.
+            try:
+                self._brpop_read()
+            except (virtual.Empty, *self.connection_errors):
+                pass
         try:
             super().close()  # puts back what it holds, unless Redis is gone
         except AttributeError:
-            # Seen on a sentinel failover: Celery closes the connection after its transport
-            # was closed, so kombu cannot make a pool again to put back what the channel held
-            # and would stop the worker. The heartbeat recovery puts it back instead.
+            # The same second close, by another path: nothing to make a pool from.
             if getattr(self.connection, "client", None) is not None:
                 raise
             logger.warning("channel closed after its transport; what it held is recovered")

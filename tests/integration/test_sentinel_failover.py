@@ -20,16 +20,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import select
 
 from app.db import session_scope
 from app.devservers.sentinel import SentinelCluster, redis_server
 from app.models import Product
 from app.scratch import start_celery, stop_celery
-from tests.integration.conftest import ALL_QUEUES, HARNESS_WORKER, ROOT, Services, worker_env
+from app.settings import redis_client_url
+from tests.integration.conftest import (
+    ALL_QUEUES,
+    HARNESS_WORKER,
+    ROOT,
+    Services,
+    flush_broker,
+    isolated_broker,
+    worker_env,
+)
 from tests.integration.factories import wait_until
 
 MASTER = "jobs"
+#: The Redis database of the test on the harness's own (replica-less) Redis.
+DB = 13
 
 pytestmark = pytest.mark.skipif(redis_server() is None, reason="needs redis-server installed")
 
@@ -195,3 +207,41 @@ def test_with_broker_wait_replicas_no_acknowledged_job_is_lost_in_a_failover(
 ) -> None:
     figures = run_failover(cluster_run, "waited", wait_replicas=1)
     assert figures["lost"] == 0, figures
+
+
+NOT_REPLICATED = """
+from app.delivery.transport import NotReplicated
+from app.jobs.base import perform_all_later
+from tests.integration.harness_jobs import record_once
+for publish in (lambda: record_once.delay("single"),
+                lambda: perform_all_later([record_once.s(f"bulk-{i}") for i in range(3)])):
+    try:
+        publish()
+    except NotReplicated as exc:
+        print("NotReplicated:", exc)
+    else:
+        print("published")
+"""
+
+
+def test_with_broker_wait_replicas_a_publish_no_replica_confirms_raises_a_clear_error(
+    services: Services,
+) -> None:
+    broker = isolated_broker(services.broker_url, DB)  # a Redis with no replica at all
+    flush_broker(broker)
+    result = subprocess.run(
+        [sys.executable, "-c", NOT_REPLICATED],
+        cwd=ROOT,
+        env={**worker_env(services, broker), "BROKER_WAIT_REPLICAS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert all(
+        line.startswith("NotReplicated: published to the Redis primary, but 0 of the 1 replica")
+        for line in lines
+    ), lines
+    # The error says "not safe", not "not sent": the jobs are on the primary.
+    assert redis.Redis.from_url(redis_client_url(broker) or "").llen("default") == 4
