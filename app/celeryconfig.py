@@ -191,6 +191,8 @@ if _settings.sentinel_master:
     # A sentinel:// BROKER_URL: the broker, and a sentinel:// result backend, find the master
     # BROKER_SENTINEL_MASTER names through the sentinels (app.delivery.transport).
     broker_transport_options["master_name"] = _settings.sentinel_master
+    if _settings.broker_url is not None:
+        broker_transport_options["sentinels"] = parse_sentinel_url(_settings.broker_url).sentinels
     result_backend_transport_options["master_name"] = _settings.sentinel_master
 # A Redis restart must not turn finished jobs into failures: storing a result retries until
 # the backend is back instead of failing the job after its work committed.

@@ -1,7 +1,7 @@
 """The `sentinel` benchmark: jobs lost per failover, by replication setting.
 
 A primary, two replicas and three sentinels on loopback (ports 6570-6572, 26570-26572; the
-sentinels declare the primary down after 1 s). A producer process publishes through the
+sentinels declare the primary down after 2 s). A producer process publishes through the
 service's app on the sentinel:// URL at up to PRODUCE_RATE jobs a second; the primary is
 SIGKILLed PRODUCE_BEFORE_KILL seconds in, and the producer keeps going through the failover.
 Lost = jobs whose publish returned (acknowledged) but that are not in the new primary's queue.
@@ -60,6 +60,7 @@ def one_failover(mode: str) -> dict[str, Any]:
             REDIS_PORTS,
             SENTINEL_PORTS,
             MASTER,
+            down_after_ms=2000,
             min_replicas_to_write=1 if mode == "min_replicas" else 0,
         )
         try:
@@ -169,7 +170,7 @@ def bench_sentinel(failovers: int) -> dict[str, Any]:
         "runs": runs,
         "note": (
             f"{failovers} failover(s) per mode, each on fresh servers (a primary, two replicas, "
-            "three sentinels on loopback, down-after-milliseconds 1000); a producer process "
+            "three sentinels on loopback, down-after-milliseconds 2000); a producer process "
             f"publishing through the service's app at up to {PRODUCE_RATE} jobs/s for "
             f"{PRODUCE_SECONDS:g} s, the primary SIGKILLed after {PRODUCE_BEFORE_KILL:g} s. "
             "Lost: publish returned to the producer, job absent from the new primary. The lost "

@@ -676,17 +676,52 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
         "min_other_sentinels",
         "sentinel_kwargs",
         "sentinel_fanout_compat",
+        "sentinels",
     )
+    #: [(host, port)] of every sentinel. celeryconfig gives them here and the broker URL as the
+    #: first sentinel alone: a URL list would make kombu's connection failover switch to the
+    #: next URL with the transport its scheme names, kombu's stock sentinel transport.
+    sentinels: tuple[tuple[str, int], ...] = ()
+
+    def sentinel_nodes(self) -> list[tuple[str, int]]:
+        """Every sentinel: the `sentinels` option's, then the broker URLs'."""
+        nodes = [(str(host), int(port)) for host, port in self.sentinels or ()]
+        conninfo = self.connection.client
+        for url in map(url_to_parts, conninfo.alt or [conninfo.as_uri()]):
+            if url.scheme == "sentinel" and url.hostname:
+                node = (url.hostname, url.port or kombu_redis.SentinelTransport.default_port)
+                if node not in nodes:
+                    nodes.append(node)
+        return nodes or [(conninfo.hostname or "127.0.0.1", int(conninfo.port or 26379))]
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's, on every sentinel of `sentinel_nodes` (kombu reads the URLs only)."""
+        from redis.sentinel import Sentinel
+
+        params = dict(self._connparams(asynchronous))
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = Sentinel(
+            self.sentinel_nodes(),
+            min_other_sentinels=int(getattr(self, "min_other_sentinels", 0) or 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        if asynchronous:  # kept so that kombu's _disconnect_pools closes them (kombu#1108)
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        master = getattr(self, "master_name", None)
+        if master is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return manager.master_for(master, redis.Redis, **credentials).connection_pool
 
     def heartbeat_pool(self, params: dict[str, Any]) -> redis.ConnectionPool:
         """A pool of the heartbeat's own on the master (see heartbeat.for_channel)."""
         from redis.sentinel import Sentinel
 
-        nodes = [
-            (url.hostname or "127.0.0.1", url.port or kombu_redis.SentinelTransport.default_port)
-            for url in map(url_to_parts, self.connection.client.alt)
-            if url.scheme == "sentinel"
-        ]
+        nodes = self.sentinel_nodes()
         options = {
             k: v
             for k, v in params.items()
@@ -707,8 +742,8 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
     def heartbeat_location(self, params: dict[str, Any]) -> tuple[str, ...]:
         """What tells this channel's Redis apart, for sharing one heartbeat per process."""
-        alt = ";".join(self.connection.client.alt)
-        return ("sentinel", str(getattr(self, "master_name", "")), alt, str(params.get("db")))
+        nodes = ";".join(f"{host}:{port}" for host, port in self.sentinel_nodes())
+        return ("sentinel", str(getattr(self, "master_name", "")), nodes, str(params.get("db")))
 
 
 class SentinelTransport(Transport):
@@ -737,13 +772,15 @@ def broker_transport(broker_url: str) -> tuple[str, str | None]:
 
     Only this app's connections use it: nothing global in kombu changes. kombu takes a
     `redis+socket://` URL's transport from its scheme, ignoring the setting, so that URL is
-    given as the `socket://` URL kombu's Redis channel reads.
+    given as the `socket://` URL kombu's Redis channel reads; and it switches to the next of
+    several `;`-separated URLs with the transport of that URL's scheme, so a sentinel:// list
+    is given as its first URL (the others go in the `sentinels` transport option).
     """
     scheme = broker_url.split("://", 1)[0]
     if scheme in ("redis", "rediss"):
         return broker_url, TRANSPORT
-    if scheme == "sentinel":
-        return broker_url, SENTINEL_TRANSPORT
+    if scheme == "sentinel":  # the first sentinel; the others in the `sentinels` option
+        return broker_url.split(";", 1)[0].strip(), SENTINEL_TRANSPORT
     if scheme == "redis+socket":
         return broker_url.removeprefix("redis+"), SOCKET_TRANSPORT
     return broker_url, None

@@ -53,6 +53,7 @@ class SentinelCluster:
         self.down_after_ms = down_after_ms
         self.min_replicas_to_write = min_replicas_to_write
         self.servers: dict[int, subprocess.Popen[bytes]] = {}
+        self.args: dict[int, list[str]] = {}  # each Redis server's arguments, but replicaof
 
     @property
     def url(self) -> str:
@@ -76,6 +77,7 @@ class SentinelCluster:
             if self.min_replicas_to_write:
                 args += ["--min-replicas-to-write", str(self.min_replicas_to_write)]
                 args += ["--min-replicas-max-lag", "10"]
+            self.args[port] = list(args)
             if port != primary:
                 args += ["--replicaof", HOST, str(primary)]
             self._spawn(port, args)
@@ -158,6 +160,10 @@ class SentinelCluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"no failover from {old} within {timeout} s")
             time.sleep(0.1)
+
+    def rejoin(self, port: int, primary: int) -> None:
+        """Start the server of `port` again (after a kill) as a replica of `primary`."""
+        self._spawn(port, [*self.args[port], "--replicaof", HOST, str(primary)])
 
     def client(self) -> redis.Redis:
         """A client of the current master, following failovers."""

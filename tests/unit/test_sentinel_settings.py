@@ -78,7 +78,10 @@ def test_wait_replicas_is_read_and_checked() -> None:
 
 
 def test_sentinel_urls_get_the_services_sentinel_transport_not_kombus() -> None:
-    assert transport.broker_transport(URL) == (URL, transport.SENTINEL_TRANSPORT)
+    # One URL: kombu would switch to a later URL of a list with kombu's own transport.
+    first = "sentinel://10.0.0.1:26379"
+    assert transport.broker_transport(URL) == (first, transport.SENTINEL_TRANSPORT)
+    assert "sentinels" in transport.SentinelChannel.from_transport_options
     assert issubclass(transport.SentinelTransport.Channel, transport.Channel)
     assert "master_name" in transport.SentinelChannel.from_transport_options
     assert "wait_replicas" in transport.SentinelChannel.from_transport_options
