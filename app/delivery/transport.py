@@ -342,7 +342,9 @@ class Channel(kombu_redis.Channel):
         due = scheduled.due_time(message)
         later = due is not None and due - time.time() > float(self.schedule_after)
         batch = kwargs.get("_publish_batch")
-        if self.wait_replicas and batch is None:
+        # BROKER_WAIT_REPLICAS: BulkPublish waits once per batch; a message alone, or in
+        # kombu's own publish batch (which reads no replies), waits as it is published.
+        if self.wait_replicas and (batch is None or isinstance(batch, kombu_redis.PublishBatch)):
             self._put_replicated(queue, message, due if later else None)
             return
         if not later:
