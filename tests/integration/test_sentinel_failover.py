@@ -44,8 +44,6 @@ MASTER = "jobs"
 #: The Redis database of the test on the harness's own (replica-less) Redis.
 DB = 13
 
-pytestmark = pytest.mark.skipif(redis_server() is None, reason="needs redis-server installed")
-
 
 def skus_run(prefix: str) -> set[str]:
     with_prefix = select(Product.sku).where(Product.sku.like(f"{prefix}-%"))
@@ -94,6 +92,8 @@ class Run:
 def cluster_run(
     request: pytest.FixtureRequest, services: Services, tmp_path: Path
 ) -> Iterator[Run]:
+    if redis_server() is None:
+        pytest.skip("needs redis-server on PATH to start a primary, a replica and sentinels")
     redis_ports, sentinel_ports, extra_env = request.param
     cluster = SentinelCluster(
         tmp_path / "servers", redis_ports, sentinel_ports, MASTER, down_after_ms=2000
