@@ -19,7 +19,14 @@ from celery.schedules import crontab
 from kombu.entity import Queue
 
 from app.delivery import rabbitmq, transport
-from app.settings import QUEUES, ConfigError, get_broker_url, get_settings, redis_client_url
+from app.settings import (
+    QUEUES,
+    ConfigError,
+    get_broker_url,
+    get_settings,
+    parse_sentinel_url,
+    redis_client_url,
+)
 
 try:
     _settings = get_settings()
@@ -42,6 +49,18 @@ def _broker_settings() -> dict[str, object]:
     if cli_broker:
         os.environ["CELERY_BROKER_URL"] = url
     beat_redis = _settings.beat_redis_url or redis_client_url(configured_broker)
+    sentinel: dict[str, object] = {}
+    if configured_broker.startswith("sentinel://") and not _settings.beat_redis_url:
+        # redbeat finds the master through the same sentinels (its redis-sentinel:// form).
+        parsed = parse_sentinel_url(configured_broker)
+        beat_redis = "redis-sentinel://"
+        sentinel["redbeat_redis_options"] = {
+            "sentinels": list(parsed.sentinels),
+            "service_name": _settings.sentinel_master,
+            "password": parsed.password,
+            "db": parsed.db,
+            "socket_timeout": 5.0,
+        }
     return {
         "broker_url": url,
         "broker_transport": transport_name,
@@ -53,6 +72,7 @@ def _broker_settings() -> dict[str, object]:
             else "celery.beat:PersistentScheduler"
         ),
         "redbeat_redis_url": beat_redis,
+        "redbeat_redis_options": sentinel.get("redbeat_redis_options", {}),
     }
 
 
@@ -74,6 +94,7 @@ _BROKER_SETTINGS = (
     "result_backend",
     "beat_scheduler",
     "redbeat_redis_url",
+    "redbeat_redis_options",
 )
 
 # Broker and results ------------------------------------------------------------------------
@@ -174,8 +195,19 @@ broker_transport_options = {
     "drain_rejected": True,
     "unacked_restore_interval": 10,
     "unacked_restore_throttle": 1,
+    # BROKER_WAIT_REPLICAS: every publish waits for this many replicas (Redis's WAIT).
+    "wait_replicas": _settings.wait_replicas,
 }
-result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+result_backend_transport_options: dict[str, object] = {
+    "visibility_timeout": _settings.visibility_timeout
+}
+if _settings.sentinel_master:
+    # A sentinel:// BROKER_URL: the broker, and a sentinel:// result backend, find the master
+    # BROKER_SENTINEL_MASTER names through the sentinels (app.delivery.transport).
+    broker_transport_options["master_name"] = _settings.sentinel_master
+    if _settings.broker_url is not None:
+        broker_transport_options["sentinels"] = parse_sentinel_url(_settings.broker_url).sentinels
+    result_backend_transport_options["master_name"] = _settings.sentinel_master
 # A Redis restart must not turn finished jobs into failures: storing a result retries until
 # the backend is back instead of failing the job after its work committed.
 result_backend_always_retry = True

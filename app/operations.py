@@ -18,16 +18,14 @@ class NotRedis(RuntimeError):
 
 def broker_redis() -> tuple[Any, str]:
     """A redis-py client on the broker, and the key prefix; NotRedis when it is not Redis."""
-    import redis
-
     from app import celery
-    from app.settings import get_endpoints, redis_client_url
+    from app.delivery.clients import broker_client
 
-    url = redis_client_url(get_endpoints().broker_url)
-    if url is None:
+    client = broker_client()
+    if client is None:
         raise NotRedis("this command needs a Redis broker (RabbitMQ keeps no such records here)")
     prefix = str((celery.conf.broker_transport_options or {}).get("global_keyprefix") or "")
-    return redis.Redis.from_url(url), prefix
+    return client, prefix
 
 
 def redacted_arguments(job_name: str | None, args: Any, kwargs: Any) -> Any:

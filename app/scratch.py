@@ -19,8 +19,6 @@ import psycopg
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
-from app.settings import redis_client_url
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,12 +70,12 @@ def isolated_broker(broker_url: str, db: int) -> str:
 
 def flush_broker(broker_url: str) -> None:
     """Empty the Redis database of `broker_url` (an isolated one, see isolated_broker)."""
-    import redis
+    from app.delivery.clients import broker_client
 
-    client_url = redis_client_url(broker_url)
-    if client_url is None:
+    client = broker_client(broker_url)
+    if client is None:
         raise NotRedis(f"needs a Redis broker, not {urlsplit(broker_url).scheme}")
-    redis.Redis.from_url(client_url).flushdb()
+    client.flushdb()
 
 
 def start_celery(

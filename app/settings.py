@@ -23,7 +23,9 @@ from sqlalchemy.exc import ArgumentError
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / ".state"
 
 #: Broker URL schemes kombu can reach that this service supports.
-BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
+#: The most replicas BROKER_WAIT_REPLICAS may wait for.
+MAX_WAIT_REPLICAS = 16
 
 LOG_FORMATS = ("text", "json")
 #: The queues every worker consumes, most urgent first, and their default weights.
@@ -80,6 +82,8 @@ class Settings:
     outbox_relay: bool
     task_events: bool
     payment_gateway_rate: int
+    sentinel_master: str | None = None
+    wait_replicas: int = 0
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -112,14 +116,101 @@ def _database_url(raw: str) -> str:
 
 
 def _broker_url(raw: str) -> str:
-    scheme = urlsplit(raw).scheme if "://" in raw else ""
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
     if scheme not in BROKER_SCHEMES:
         raise ConfigError(
             "BROKER_URL",
             "a URL starting with one of " + ", ".join(f"{s}://" for s in BROKER_SCHEMES),
             redact_url(raw),
         )
+    if scheme == "sentinel":
+        parse_sentinel_url(raw)
     return raw
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A `sentinel://host:port;sentinel://host2:port2` broker URL, as kombu reads it: the
+    sentinels to ask, and the password and database (of the first URL) for the master."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    db: int
+
+
+def parse_sentinel_url(raw: str) -> SentinelUrl:
+    """The parts of a sentinel:// broker URL; ConfigError (naming BROKER_URL) if it has none."""
+    expected = (
+        "sentinel://host:port URLs separated by ';', such as "
+        "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379"
+    )
+    sentinels: list[tuple[str, int]] = []
+    first = None
+    for part in raw.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        parts = urlsplit(part)
+        try:
+            port = parts.port or 26379
+        except ValueError:
+            raise ConfigError("BROKER_URL", expected, redact_url(raw)) from None
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ConfigError("BROKER_URL", expected, redact_url(raw))
+        sentinels.append((parts.hostname, port))
+        first = first or parts
+    if first is None:
+        raise ConfigError("BROKER_URL", expected, redact_url(raw))
+    db = first.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ConfigError(
+            "BROKER_URL", expected + " (the database is a number: /0)", redact_url(raw)
+        )
+    return SentinelUrl(tuple(sentinels), first.username or None, first.password, int(db))
+
+
+def _sentinel_master(env: Mapping[str, str], broker_url: str | None) -> str | None:
+    raw = env.get("BROKER_SENTINEL_MASTER", "").strip()
+    sentinel = broker_url is not None and broker_url.startswith("sentinel://")
+    if sentinel and not raw:
+        raise ConfigError(
+            "BROKER_SENTINEL_MASTER",
+            "the master name the sentinels monitor (as in `sentinel monitor NAME ...`), "
+            "required with a sentinel:// BROKER_URL",
+        )
+    if raw and not sentinel:
+        raise ConfigError(
+            "BROKER_SENTINEL_MASTER", "to be set only with a sentinel:// BROKER_URL", raw
+        )
+    if raw and not re.fullmatch(r"[A-Za-z0-9_.:-]+", raw):
+        raise ConfigError(
+            "BROKER_SENTINEL_MASTER",
+            "a master name of letters, digits and _ . : - (as the sentinels know it)",
+            raw,
+        )
+    return raw or None
+
+
+def _wait_replicas(env: Mapping[str, str], broker_url: str | None) -> int:
+    raw = env.get("BROKER_WAIT_REPLICAS", "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) > MAX_WAIT_REPLICAS:
+        raise ConfigError(
+            "BROKER_WAIT_REPLICAS",
+            f"a whole number of replicas from 0 to {MAX_WAIT_REPLICAS}",
+            raw,
+        )
+    if (
+        int(raw)
+        and broker_url is not None
+        and not broker_url.startswith(("redis", "rediss", "sentinel"))
+    ):
+        raise ConfigError(
+            "BROKER_WAIT_REPLICAS", "a Redis or sentinel:// BROKER_URL (it is Redis's WAIT)", raw
+        )
+    return int(raw)
 
 
 def _result_backend(raw: str | None, broker_url: str | None) -> str | None:
@@ -131,7 +222,7 @@ def _result_backend(raw: str | None, broker_url: str | None) -> str | None:
                 redact_url(raw),
             )
         return raw
-    if broker_url is None or broker_url.startswith(("redis", "rediss")):
+    if broker_url is None or broker_url.startswith(("redis", "rediss", "sentinel")):
         return broker_url  # None: resolved with the embedded broker
     return "rpc://"
 
@@ -321,6 +412,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         outbox_relay=_choice(env, "OUTBOX_RELAY", ("true", "false"), "true") == "true",
         task_events=_choice(env, "TASK_EVENTS", ("true", "false"), "false") == "true",
         payment_gateway_rate=_count(env, "PAYMENT_GATEWAY_RATE", 20),
+        sentinel_master=_sentinel_master(env, checked_broker),
+        wait_replicas=_wait_replicas(env, checked_broker),
     )
 
 

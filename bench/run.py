@@ -95,6 +95,11 @@ in the database `<db>_bench` and Redis database 14. `--quick` scales sizes down;
   gateway each answering after 20 ms, drained by prefork 2 (the baseline) and the threads pool
   (16 threads; two workers of 8)
 
+- Redis with failover (`sentinel`, bench/sentinel.py): jobs lost per failover (a primary
+  SIGKILLed under a producer publishing at up to 1,000 jobs/s through sentinel://), with
+  Redis's default asynchronous replication (the baseline), with BROKER_WAIT_REPLICAS=1, and
+  with min-replicas-to-write 1; three failovers each (one with `--quick`), about 1.5 minutes
+
 Workers log to bench/results/worker.log.
 """
 
@@ -149,6 +154,7 @@ BENCHMARKS = (
     "io_pools",
     "rabbitmq",
     "hosts",
+    "sentinel",
 )
 #: Items the naive fan-out is timed on; its items/s is compared with ours at the full size.
 #: Here it does 130-270 items/s (each process_item commits and updates the one batch row, so
@@ -225,11 +231,9 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def redis_client() -> Any:
-    import redis
+    from app.delivery.clients import broker_client
 
-    from app.settings import redis_client_url
-
-    return redis.Redis.from_url(redis_client_url(os.environ["BROKER_URL"]) or "")
+    return broker_client(os.environ["BROKER_URL"])
 
 
 def wait_for(
@@ -2771,6 +2775,13 @@ def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[st
     }
 
 
+def sentinel_bench(failovers: int) -> dict[str, Any]:
+    """The `sentinel` benchmark (bench/sentinel.py): jobs lost per failover."""
+    from bench.sentinel import bench_sentinel
+
+    return bench_sentinel(failovers)
+
+
 def table_of(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, with each result's note below it."""
     lines = [
@@ -2886,6 +2897,7 @@ def main() -> int:
         "io_pools": lambda: [io_pools.bench_io_pools(300 if quick else 1_500)],
         "rabbitmq": lambda: [bench_rabbitmq(1_000 if quick else 6_000)],
         "hosts": lambda: [bench_hosts(2 if quick else 4)],
+        "sentinel": lambda: [sentinel_bench(1 if quick else 3)],
     }
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

@@ -13,10 +13,11 @@ import os
 import time
 from typing import Any
 
+import redis
+
 from app import celery
 from app.delivery.flow import Limit, Rate
 from app.jobs.base import job
-from app.settings import redis_client_url
 from bench.keys import (
     DUE_STARTS,
     FLOW_COUNTER,
@@ -150,10 +151,10 @@ def _client() -> Any:
     # One client per process: a prefork child must not reuse a socket its parent opened.
     global _redis, _redis_pid
     if _redis is None or _redis_pid != os.getpid():
-        import redis
+        from app.delivery.clients import broker_client
 
         # BENCH_REDIS_URL: the benchmark's Redis when the broker is not Redis (RabbitMQ).
-        url = os.environ.get("BENCH_REDIS_URL") or redis_client_url(os.environ["BROKER_URL"])
-        _redis = redis.Redis.from_url(url or "")
+        url = os.environ.get("BENCH_REDIS_URL")
+        _redis = redis.Redis.from_url(url) if url else broker_client(os.environ["BROKER_URL"])
         _redis_pid = os.getpid()
     return _redis

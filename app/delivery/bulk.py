@@ -345,12 +345,18 @@ class BulkPublish:
             else:  # other commands too (a queue with an expiry): one by one, in kombu's order
                 for name, args in buffered:
                     getattr(pipe, name)(*args)
+            # BROKER_WAIT_REPLICAS: one WAIT after the batch, on the batch's connection.
+            waits = bool(getattr(self.channel, "wait_replicas", 0))
+            if waits:
+                self.channel.wait_for_replicas(pipe)
             try:
-                pipe.execute()
+                replies = pipe.execute()
             except Exception as exc:  # as kombu's PublishBatch.flush
                 raise BatchPublishError(
                     "Redis publish batch failed; delivery is uncertain"
                 ) from exc
+            if waits:
+                self.channel.check_replicated(replies[-1])
         for name, body, headers, routing_key in published:
             signals.after_task_publish.send(
                 sender=name, body=body, headers=headers, exchange="", routing_key=routing_key

@@ -276,13 +276,12 @@ def for_channel(channel: Channel) -> Heartbeat:
     if "path" not in params:  # (a unix socket connection takes no connect timeout)
         connect = params.get("socket_connect_timeout") or timeout
         params["socket_connect_timeout"] = min(float(connect), timeout)
-    location = tuple(str(params.get(name)) for name in ("host", "port", "path", "db", "username"))
-    key = (os.getpid(), location, channel.keys.prefix)
+    key = (os.getpid(), channel.heartbeat_location(params), channel.keys.prefix)
     with _agents_lock:
         agent = _agents.get(key)
         if agent is None or not agent.alive:
             agent = Heartbeat(
-                redis.ConnectionPool(**params),
+                channel.heartbeat_pool(params),
                 channel.keys,
                 (
                     channel._prefixed(channel.unacked_key),

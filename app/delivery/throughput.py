@@ -45,18 +45,15 @@ def enable(**_: Any) -> None:
 def _redis() -> tuple[Any, str] | None:
     global _client
     if _client is None or _client[0] != os.getpid():
-        import redis
-
         from app.celery_app import celery_app
-        from app.settings import get_endpoints, redis_client_url
+        from app.delivery.clients import broker_client
 
-        url = redis_client_url(get_endpoints().broker_url)
-        if url is None:
+        client = broker_client(socket_timeout=0.5, socket_connect_timeout=0.5)
+        if client is None:
             _client = (os.getpid(), None, "")
         else:
             options = celery_app.conf.broker_transport_options or {}
             prefix = str(options.get("global_keyprefix") or "")
-            client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
             _client = (os.getpid(), client, prefix)
     return None if _client[1] is None else (_client[1], _client[2])
 

@@ -31,6 +31,13 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   requeued (`Reject(requeue=True)`) and a warm shutdown's requeue are not deaths.
 - **Only what will be acknowledged is recorded.** A `no_ack` consumer (the reply queues that
   `celery inspect` reads) gets its message popped, not recorded.
+- **Replicated publishes, on request.** With `wait_replicas` (BROKER_WAIT_REPLICAS) > 0, a
+  publish is followed by Redis's `WAIT` on the same connection; fewer replicas confirming it
+  within `wait_timeout` raises `NotReplicated` to the producer (the message is on the primary,
+  but a failover now could lose it).
+- **Sentinel.** `SentinelTransport` is this transport on the master that Redis sentinels name
+  (`sentinel://` URLs): the same fetch, records, heartbeats and scheduled set, on connections
+  that find the master through the sentinels and fail over with it.
 - **Pausing and aliases.** A queue in `jobs_service:paused` is skipped by every worker's next
   fetch. `queue_aliases` lets a consumed queue also take the lists of other names (the
   `celery` queue is consumed as `default`).
@@ -77,6 +84,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from kombu.utils.url import url_to_parts
 
 from app.delivery import flow, heartbeat, scheduled, scripts
 from app.delivery.envelope import envelope_problem, task_problem
@@ -84,10 +92,25 @@ from app.delivery.records import Keys
 
 #: How long an idle channel blocks on its first queue before looking at all of them again.
 DEFAULT_FETCH_WAIT = 0.1
+#: How long a publish waits for `wait_replicas` replicas to confirm it.
+DEFAULT_WAIT_TIMEOUT = 1.0
 
 logger = logging.getLogger(__name__)
 
 _RECORDED, _UNRECORDED, _NOT_JSON, _POISON = 1, 0, 2, 3
+
+
+class NotReplicated(Exception):
+    """A publish reached the Redis primary, but fewer replicas than BROKER_WAIT_REPLICAS
+    confirmed it in time: a failover before they catch up would lose it."""
+
+    def __init__(self, confirmed: int, wanted: int, timeout: float) -> None:
+        self.confirmed, self.wanted = confirmed, wanted
+        super().__init__(
+            f"published to the Redis primary, but {confirmed} of the {wanted} replica(s) "
+            f"BROKER_WAIT_REPLICAS asks for confirmed it within {timeout:g} s; the job may be "
+            "lost if the primary fails now (publish it again: a redelivery is harmless)"
+        )
 
 
 def worker_id() -> str:
@@ -196,6 +219,8 @@ class Channel(kombu_redis.Channel):
         "drain_rejected",
         "schedule_after",
         "poll_interval",
+        "wait_replicas",
+        "wait_timeout",
     )
     fetch_wait = DEFAULT_FETCH_WAIT
     #: Seconds between a worker's heartbeats, and without one before it counts as dead.
@@ -216,6 +241,10 @@ class Channel(kombu_redis.Channel):
     schedule_after = scheduled.SCHEDULE_AFTER
     #: The longest the scheduled-set poller sleeps (it wakes sooner for the next due job).
     poll_interval = scheduled.POLL_INTERVAL
+    #: Replicas that must confirm each publish (Redis's WAIT) before it returns; 0: none.
+    wait_replicas = 0
+    #: Seconds a publish waits for those replicas before raising NotReplicated.
+    wait_timeout = DEFAULT_WAIT_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recorded_tag: str | None = None
@@ -236,6 +265,14 @@ class Channel(kombu_redis.Channel):
             raise ValueError("app.delivery needs kombu's ack emulation (acks_late relies on it)")
         self.keys = Keys(self.global_keyprefix or "")
         self.queue_aliases = {q: tuple(names) for q, names in dict(self.queue_aliases).items()}
+
+    def heartbeat_pool(self, params: dict[str, Any]) -> redis.ConnectionPool:
+        """A pool of the heartbeat's own on this channel's Redis (see heartbeat.for_channel)."""
+        return redis.ConnectionPool(**params)
+
+    def heartbeat_location(self, params: dict[str, Any]) -> tuple[str, ...]:
+        """What tells this channel's Redis apart, for sharing one heartbeat per process."""
+        return tuple(str(params.get(name)) for name in ("host", "port", "path", "db", "username"))
 
     def _prefixed(self, key: str) -> str:
         return f"{self.global_keyprefix}{key}" if self.global_keyprefix else key
@@ -303,18 +340,20 @@ class Channel(kombu_redis.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         """kombu's publish, except that a message due later waits in the scheduled set."""
         due = scheduled.due_time(message)
-        if due is None or due - time.time() <= float(self.schedule_after):
+        later = due is not None and due - time.time() > float(self.schedule_after)
+        batch = kwargs.get("_publish_batch")
+        # BROKER_WAIT_REPLICAS: BulkPublish waits once per batch; a message alone, or in
+        # kombu's own publish batch (which reads no replies), waits as it is published.
+        if self.wait_replicas and (batch is None or isinstance(batch, kombu_redis.PublishBatch)):
+            self._put_replicated(queue, message, due if later else None)
+            return
+        if not later:
             super()._put(queue, message, **kwargs)
             return
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        assert due is not None
+        kwargs.pop("_publish_batch", None)
         keys = self.keys
-        arguments = (
-            scheduled.member_base(message),
-            repr(due),
-            scheduled.entry_header(queue, self._prefixed(key), message),
-            dumps(message),
-        )
-        batch = kwargs.pop("_publish_batch", None)
+        arguments = self._schedule_arguments(queue, message, due)
         if batch is not None:  # kombu's publish batch (and BulkPublish) send it in a pipeline
             batch.add(
                 "eval", scripts.SCHEDULE, 2, keys.schedule, keys.schedule_messages, *arguments
@@ -323,6 +362,53 @@ class Channel(kombu_redis.Channel):
         self._script(scripts.SCHEDULE)(
             keys=[keys.schedule, keys.schedule_messages], args=list(arguments)
         )
+
+    def _schedule_arguments(
+        self, queue: str, message: dict[str, Any], due: float
+    ) -> tuple[str, ...]:
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        return (
+            scheduled.member_base(message),
+            repr(due),
+            scheduled.entry_header(queue, self._prefixed(key), message),
+            dumps(message),
+        )
+
+    def _put_replicated(self, queue: str, message: dict[str, Any], due: float | None) -> None:
+        """Publish as `_put` does, then WAIT for `wait_replicas` on the same connection."""
+        with self.plain_client.pipeline(transaction=False) as pipe:
+            if due is None:
+                key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+                pipe.lpush(self._prefixed(key), dumps(message))
+                if self._expires and queue in self._expires:
+                    for pri in self.priority_steps:
+                        pipe.pexpire(
+                            self._prefixed(self._q_for_pri(queue, pri)), self._expires[queue]
+                        )
+            else:
+                keys = self.keys
+                pipe.eval(
+                    scripts.SCHEDULE,
+                    2,
+                    keys.schedule,
+                    keys.schedule_messages,
+                    *self._schedule_arguments(queue, message, due),
+                )
+            self.wait_for_replicas(pipe)
+            replies = pipe.execute()
+        self.check_replicated(replies[-1])
+
+    def wait_for_replicas(self, pipe: Any) -> None:
+        """Queue a WAIT for `wait_replicas` at the end of `pipe` (nothing when 0)."""
+        if self.wait_replicas:
+            pipe.execute_command(
+                "WAIT", int(self.wait_replicas), int(float(self.wait_timeout) * 1000)
+            )
+
+    def check_replicated(self, confirmed: Any) -> None:
+        """Raise NotReplicated when WAIT's reply is short of `wait_replicas`."""
+        if int(confirmed) < int(self.wait_replicas):
+            raise NotReplicated(int(confirmed), int(self.wait_replicas), float(self.wait_timeout))
 
     def _list_key(self, queue: str) -> str:
         """The Redis list the message delivered as `queue` was taken from."""
@@ -550,8 +636,24 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         agent, self._heartbeat = self._heartbeat, None
+        if self._in_poll and not self.closed:
+            # kombu's close reads the pending fetch's reply first and lets a connection error
+            # out, before the channel counts as closed; Celery then closes the transport and
+            # closes this channel again with no connection to make a pool from, which raised
+            # AttributeError and stopped the worker (seen in a sentinel failover). The
+            # connection is gone: forget the reply; what the channel holds is put back below,
+            # or by the heartbeat recovery.
+            try:
+                self._brpop_read()
+            except (virtual.Empty, *self.connection_errors):
+                pass
         try:
             super().close()  # puts back what it holds, unless Redis is gone
+        except AttributeError:
+            # The same second close, by another path: nothing to make a pool from.
+            if getattr(self.connection, "client", None) is not None:
+                raise
+            logger.warning("channel closed after its transport; what it held is recovered")
         finally:
             # Stop beating either way: what could not be put back now is recovered when the
             # beat lapses, by any live worker.
@@ -565,6 +667,94 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """`Channel` on the master Redis sentinels name: kombu's SentinelChannel supplies the
+    connections (found through the sentinels, failing over with the master), `Channel` the
+    delivery path. Needs the `master_name` transport option (BROKER_SENTINEL_MASTER)."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *Channel.from_transport_options,
+        "master_name",
+        "min_other_sentinels",
+        "sentinel_kwargs",
+        "sentinel_fanout_compat",
+        "sentinels",
+    )
+    #: [(host, port)] of every sentinel. celeryconfig gives them here and the broker URL as the
+    #: first sentinel alone: a URL list would make kombu's connection failover switch to the
+    #: next URL with the transport its scheme names, kombu's stock sentinel transport.
+    sentinels: tuple[tuple[str, int], ...] = ()
+
+    def sentinel_nodes(self) -> list[tuple[str, int]]:
+        """Every sentinel: the `sentinels` option's, then the broker URLs'."""
+        nodes = [(str(host), int(port)) for host, port in self.sentinels or ()]
+        conninfo = self.connection.client
+        for url in map(url_to_parts, conninfo.alt or [conninfo.as_uri()]):
+            if url.scheme == "sentinel" and url.hostname:
+                node = (url.hostname, url.port or kombu_redis.SentinelTransport.default_port)
+                if node not in nodes:
+                    nodes.append(node)
+        return nodes or [(conninfo.hostname or "127.0.0.1", int(conninfo.port or 26379))]
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's, on every sentinel of `sentinel_nodes` (kombu reads the URLs only)."""
+        from redis.sentinel import Sentinel
+
+        params = dict(self._connparams(asynchronous))
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = Sentinel(
+            self.sentinel_nodes(),
+            min_other_sentinels=int(getattr(self, "min_other_sentinels", 0) or 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        if asynchronous:  # kept so that kombu's _disconnect_pools closes them (kombu#1108)
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        master = getattr(self, "master_name", None)
+        if master is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return manager.master_for(master, redis.Redis, **credentials).connection_pool
+
+    def heartbeat_pool(self, params: dict[str, Any]) -> redis.ConnectionPool:
+        """A pool of the heartbeat's own on the master (see heartbeat.for_channel)."""
+        from redis.sentinel import Sentinel
+
+        nodes = self.sentinel_nodes()
+        options = {
+            k: v
+            for k, v in params.items()
+            if k not in ("host", "port", "connection_class", "max_connections")
+        }
+        timeouts = {k: v for k, v in options.items() if k.startswith("socket_") and v}
+        sentinels = Sentinel(
+            nodes or [(params["host"], params["port"])],
+            min_other_sentinels=int(getattr(self, "min_other_sentinels", 0) or 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None) or timeouts,
+            **options,
+        )
+        master = getattr(self, "master_name", None)
+        if master is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        pool: redis.ConnectionPool = sentinels.master_for(master).connection_pool
+        return pool
+
+    def heartbeat_location(self, params: dict[str, Any]) -> tuple[str, ...]:
+        """What tells this channel's Redis apart, for sharing one heartbeat per process."""
+        nodes = ";".join(f"{host}:{port}" for host, port in self.sentinel_nodes())
+        return ("sentinel", str(getattr(self, "master_name", "")), nodes, str(params.get("db")))
+
+
+class SentinelTransport(Transport):
+    """This transport on the master Redis sentinels name (`sentinel://` URLs)."""
+
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
+
+
 class SocketTransport(Transport):
     """The same transport for a Redis unix socket. kombu hands a `redis+socket://` URL whole to
     the channel, which reads the socket path and database from it; a transport that says it
@@ -576,6 +766,7 @@ class SocketTransport(Transport):
 #: The paths Celery's `broker_transport` setting names these transports by.
 TRANSPORT = f"{__name__}:Transport"
 SOCKET_TRANSPORT = f"{__name__}:SocketTransport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
 
 def broker_transport(broker_url: str) -> tuple[str, str | None]:
@@ -583,11 +774,15 @@ def broker_transport(broker_url: str) -> tuple[str, str | None]:
 
     Only this app's connections use it: nothing global in kombu changes. kombu takes a
     `redis+socket://` URL's transport from its scheme, ignoring the setting, so that URL is
-    given as the `socket://` URL kombu's Redis channel reads.
+    given as the `socket://` URL kombu's Redis channel reads; and it switches to the next of
+    several `;`-separated URLs with the transport of that URL's scheme, so a sentinel:// list
+    is given as its first URL (the others go in the `sentinels` transport option).
     """
     scheme = broker_url.split("://", 1)[0]
     if scheme in ("redis", "rediss"):
         return broker_url, TRANSPORT
+    if scheme == "sentinel":  # the first sentinel; the others in the `sentinels` option
+        return broker_url.split(";", 1)[0].strip(), SENTINEL_TRANSPORT
     if scheme == "redis+socket":
         return broker_url.removeprefix("redis+"), SOCKET_TRANSPORT
     return broker_url, None

@@ -48,6 +48,7 @@ from app.celery_app import celery_app
 from app.db import after_commit, after_rollback, get_engine, open_session, session_scope
 from app.delivery import flow, outbox, rabbitmq
 from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
+from app.delivery.clients import broker_client
 from app.delivery.envelope import decoded_body
 from app.delivery.flow import EXPIRES_HEADER, UNIQUE_HEADER, Limit, Rate
 from app.delivery.records import Keys
@@ -67,7 +68,7 @@ from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, fi
 from app.logs import CORRELATION_HEADER, current_correlation_id
 from app.queues import ENQUEUED_AT_HEADER
 from app.services import dead_letters
-from app.settings import QUEUES, get_endpoints, redis_client_url
+from app.settings import QUEUES
 
 logger = logging.getLogger("app.jobs")
 
@@ -525,10 +526,10 @@ def _flow_store(producer: Any = None) -> tuple[redis.Redis, Keys] | None:
         return channel.plain_client, channel.keys
     global _store
     if _store is None or _store[0] != os.getpid():
-        url = redis_client_url(get_endpoints().broker_url)
+        client = broker_client()
         options = celery_app.conf.broker_transport_options or {}
         prefix = str(options.get("global_keyprefix") or "")
-        _store = (os.getpid(), (redis.Redis.from_url(url), Keys(prefix)) if url else None)
+        _store = (os.getpid(), (client, Keys(prefix)) if client is not None else None)
     return _store[1]
 
 

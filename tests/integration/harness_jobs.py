@@ -120,12 +120,9 @@ def kill_my_process(token: str) -> None:
 @job("jobs.test_requeue_then_record")
 def requeue_then_record(sku: str, requeues: int) -> int:
     """Ask to be requeued `requeues` times (counted in the broker's Redis), then record `sku`."""
-    import redis
     from celery.exceptions import Reject
 
-    from app.settings import get_endpoints, redis_client_url
-
-    client = redis.Redis.from_url(redis_client_url(get_endpoints().broker_url) or "")
+    client = _broker_client()
     if int(client.incr(f"test:requeues:{sku}")) <= requeues:
         raise Reject("not yet", requeue=True)
     return int(create_product.run(sku, 0))
@@ -142,11 +139,9 @@ def kill_my_worker(token: str) -> None:
 
 
 def _broker_client() -> Any:
-    import redis
+    from app.delivery.clients import broker_client
 
-    from app.settings import get_endpoints, redis_client_url
-
-    return redis.Redis.from_url(redis_client_url(get_endpoints().broker_url) or "")
+    return broker_client()
 
 
 #: Where `record_run` appends: one JSON entry per execution, in the broker's Redis.
@@ -428,3 +423,16 @@ def busy_write(sku: str, seconds: float) -> int:
         while time.monotonic() < deadline:
             time.sleep(0.02)
         return product.id
+
+
+@job("jobs.test_record_once", queue_as="default")
+def record_once(sku: str) -> None:
+    """Insert a product named `sku` unless it exists: a redelivery changes nothing."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    with session_scope() as session:
+        session.execute(
+            insert(Product)
+            .values(sku=sku, name=sku, inventory=0, price=Decimal(1))
+            .on_conflict_do_nothing(index_elements=["sku"])
+        )
