@@ -16,12 +16,13 @@ class NotRedis(RuntimeError):
     """The broker is not Redis, so the service keeps none of these records there."""
 
 
-def broker_redis() -> tuple[Any, str]:
-    """A redis-py client on the broker, and the key prefix; NotRedis when it is not Redis."""
+def broker_redis(**options: Any) -> tuple[Any, str]:
+    """A redis-py client on the broker (`options` go to redis-py), and the key prefix;
+    NotRedis when it is not Redis."""
     from app import celery
     from app.delivery.clients import broker_client
 
-    client = broker_client()
+    client = broker_client(**options)
     if client is None:
         raise NotRedis("this command needs a Redis broker (RabbitMQ keeps no such records here)")
     prefix = str((celery.conf.broker_transport_options or {}).get("global_keyprefix") or "")

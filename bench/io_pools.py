@@ -134,7 +134,7 @@ def _side(
 ) -> float:
     from celery import Celery
 
-    from bench.peers import _stop
+    from bench.peers import stop_group
     from bench.run import redis_client, wait_for
 
     redis_client().flushdb()
@@ -163,7 +163,7 @@ def _side(
             return (2 * count - first) / (time.perf_counter() - began)
         finally:
             for process in processes:
-                _stop(process)
+                stop_group(process)
 
 
 def bench_io_pools(count: int) -> dict[str, Any]:

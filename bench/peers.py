@@ -62,7 +62,7 @@ def _dramatiq(processes: int, threads: int) -> subprocess.Popen[bytes]:
         )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_group(process: subprocess.Popen[bytes]) -> None:
     """The worker and every process it started (Dramatiq's workers outlive a SIGQUIT of their
     parent), each side's before the next side's messages are queued."""
     with contextlib.suppress(ProcessLookupError):
@@ -96,7 +96,7 @@ def _side_rate(
         return (count - first) / seconds
     finally:
         for process in processes:
-            _stop(process)
+            stop_group(process)
 
 
 def bench_peers(count: int, rounds: int = 2) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer
 
 from app.delivery.envelope import describe
+from app.delivery.rejected import log_dead_lettered
 from app.services import dead_letters
 
 #: The exchange every service queue is bound to (topic: native delayed delivery needs it).
@@ -241,11 +242,4 @@ class DeadLetterConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             return
         message.ack()
         _settle_batch(message, failure.task_id)
-        logger.error(
-            "message dead-lettered as #%d (%s) from queue %s: %s",
-            entry_id,
-            failure.reason,
-            failure.queue,
-            failure.error_message,
-            extra={"event": "dead_letter", "dead_letter_id": entry_id, "reason": failure.reason},
-        )
+        log_dead_lettered(entry_id, failure, logger)

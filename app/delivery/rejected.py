@@ -133,19 +133,23 @@ def drain(client: redis.Redis, keys: Keys, worker: str, limit: int = DRAIN_BATCH
         for entry in entries:
             _settle_controls(client, bytes(entry))
         for entry_id, failure in zip(ids, failures, strict=True):
-            logger.error(
-                "message dead-lettered as #%d (%s) from queue %s: %s",
-                entry_id,
-                failure.reason,
-                failure.queue,
-                failure.error_message,
-                extra={
-                    "event": "dead_letter",
-                    "dead_letter_id": entry_id,
-                    "reason": failure.reason,
-                },
-            )
+            log_dead_lettered(entry_id, failure)
         return len(entries)
     finally:
         if client.get(keys.rejected_lock) == worker.encode():
             client.delete(keys.rejected_lock)
+
+
+def log_dead_lettered(
+    entry_id: int, failure: dead_letters.Failure, log: logging.Logger = logger
+) -> None:
+    """The one ERROR line of a message written to the dead-letter store (Redis's rejected list
+    here, RabbitMQ's dead-letter queue in app.delivery.rabbitmq)."""
+    log.error(
+        "message dead-lettered as #%d (%s) from queue %s: %s",
+        entry_id,
+        failure.reason,
+        failure.queue,
+        failure.error_message,
+        extra={"event": "dead_letter", "dead_letter_id": entry_id, "reason": failure.reason},
+    )

@@ -45,16 +45,13 @@ def enable(**_: Any) -> None:
 def _redis() -> tuple[Any, str] | None:
     global _client
     if _client is None or _client[0] != os.getpid():
-        from app.celery_app import celery_app
-        from app.delivery.clients import broker_client
+        from app.operations import NotRedis, broker_redis
 
-        client = broker_client(socket_timeout=0.5, socket_connect_timeout=0.5)
-        if client is None:
-            _client = (os.getpid(), None, "")
-        else:
-            options = celery_app.conf.broker_transport_options or {}
-            prefix = str(options.get("global_keyprefix") or "")
-            _client = (os.getpid(), client, prefix)
+        try:
+            client, prefix = broker_redis(socket_timeout=0.5, socket_connect_timeout=0.5)
+        except NotRedis:
+            client, prefix = None, ""
+        _client = (os.getpid(), client, prefix)
     return None if _client[1] is None else (_client[1], _client[2])
 
 

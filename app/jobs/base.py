@@ -549,8 +549,9 @@ def _claim_unique(prepared: Prepared, producer: Any = None) -> str | None:
     session = open_session()
     transaction = "" if session is None else str(session.scalar(text("SELECT txid_current()")))
     claim = flow.claim_unique(client, key, txn_key, prepared.task_id, job.unique_for, transaction)
+    holder = claim.holder
     if (
-        claim.holder != prepared.task_id
+        holder != prepared.task_id
         and claim.transaction is not None
         and _never_committed(claim.transaction)
         and flow.take_over_unique(
@@ -566,8 +567,7 @@ def _claim_unique(prepared: Prepared, producer: Any = None) -> str | None:
             prepared.task_id,
             extra={"job": job.name, "task_id": prepared.task_id, "event": "unique_taken_over"},
         )
-        claim = flow.Claim(prepared.task_id, transaction or None)
-    holder = claim.holder
+        holder = prepared.task_id
     if holder != prepared.task_id:
         logger.info(
             "job not enqueued %s: job %s with the same unique key (%s) is queued, scheduled "
