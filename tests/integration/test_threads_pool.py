@@ -8,7 +8,8 @@ Real workers (`celery -A app worker --pool threads`), default settings otherwise
   rolls back and it is dead-lettered as on prefork (Celery's threads pool has no time limits);
 - a threads worker SIGKILLed with jobs in its threads: a live worker takes them back by
   heartbeat and each runs to its effect exactly once;
-- a warm shutdown lets the running jobs finish and leaves the unstarted ones queued.
+- a warm shutdown lets the running jobs finish and leaves the unstarted ones queued;
+- hostile bytes LPUSHed into the queue are dead-lettered and the worker goes on.
 """
 
 from __future__ import annotations
@@ -212,3 +213,44 @@ def test_a_warm_shutdown_finishes_running_jobs_and_leaves_the_rest_queued(
         stop(worker)
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 0
+
+
+def test_hostile_bytes_pushed_into_redis_do_not_stop_a_threads_worker(
+    services: Services, tmp_path: Path
+) -> None:
+    """What a buggy producer in another language writes, LPUSHed straight into the queue
+    (below kombu's encoder): each is dead-lettered, the good jobs around them run."""
+    import base64
+
+    broker = isolated_broker(services.broker_url, 13)
+    flush_broker(broker)
+    client = client_for(broker)
+    unknown_job = {
+        "body": base64.b64encode(json.dumps([[1], {}, {}]).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": "jobs.no_such_job", "id": "threads-unknown"},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": "threads-unknown",
+            "delivery_info": {"exchange": "", "routing_key": "default"},
+            "priority": 0,
+        },
+    }
+    hostile = [b"\xf7 not json", b"null", b'["an", "array"]', json.dumps(unknown_job).encode()]
+    producer = producer_for(broker)
+    producer.send_task("jobs.test_record_sku", args=["threads-hostile-0"], queue="default")
+    for raw in hostile:
+        client.lpush("default", raw)
+    producer.send_task("jobs.test_record_sku", args=["threads-hostile-1"], queue="default")
+    worker = threads_worker(services, broker, tmp_path / "worker.log", "threads-hostile@%h", 4)
+    try:
+        wait_until(lambda: len(products("threads-hostile-")) == 2, timeout=60)
+        wait_until(lambda: len(dead_letters()) == len(hostile), timeout=30)
+        assert worker.poll() is None  # still running
+        producer.send_task("jobs.test_record_sku", args=["threads-hostile-2"], queue="default")
+        wait_until(lambda: len(products("threads-hostile-")) == 3, timeout=30)
+    finally:
+        stop(worker)
+    assert {letter.reason for letter in dead_letters()} == {"malformed"}
+    assert client.llen("default") == 0 and client.hlen("unacked") == 0
