@@ -165,6 +165,37 @@ def bind_arguments(
     return bound
 
 
+def checked_and_redacted(
+    func: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    sensitive: frozenset[str] = SENSITIVE_NAMES,
+) -> dict[str, Any]:
+    """`bind_arguments`'s checks (raising as it does), then what `redacted_arguments` returns,
+    binding the call once: what enqueueing a job needs of its arguments."""
+    shape = _positional(func)
+    if not kwargs and shape is not None and shape[1] <= len(args) <= len(shape[0]):
+        arguments = dict(zip(shape[0], args, strict=False))
+        checks = _checks(func)
+        if checks:
+            for name, value in arguments.items():
+                check = checks.get(name)
+                if check is not None:
+                    problem = check(value)
+                    if problem is not None:
+                        raise DeserializationError(f"argument {name!r} {problem}")
+        return {
+            name: REDACTED
+            if name.lower() in sensitive
+            else value
+            if type(value) in _SCALARS
+            else redact(value, sensitive)
+            for name, value in arguments.items()
+        }
+    bind_arguments(func, args, kwargs)
+    return redacted_arguments(func, args, kwargs, sensitive)
+
+
 def _parameters(signature: inspect.Signature) -> str:
     """The parameters as a caller reads them: `order_id` or `context=None` (types left out)."""
     shown = []

@@ -39,7 +39,6 @@ from celery.exceptions import (
     TimeLimitExceeded,
 )
 from celery.result import AsyncResult
-from celery.utils import uuid
 from kombu.utils import json as kombu_json
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -47,7 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from app.celery_app import celery_app
 from app.db import after_commit, after_rollback, get_engine, open_session, session_scope
 from app.delivery import flow, outbox, rabbitmq
-from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish
+from app.delivery.bulk import BULK_BATCH_SIZE, BulkPublish, random_uuid
 from app.delivery.clients import broker_client
 from app.delivery.envelope import decoded_body
 from app.delivery.flow import EXPIRES_HEADER, UNIQUE_HEADER, Limit, Rate
@@ -59,6 +58,7 @@ from app.jobs.arguments import (
     SENSITIVE_NAMES,
     bind_arguments,
     check_size,
+    checked_and_redacted,
     redacted_arguments,
 )
 from app.jobs.continuable import DEFAULT_MAX_RESUMPTIONS
@@ -198,9 +198,11 @@ class Job(Task):  # type: ignore[misc]
     ) -> Prepared:
         """Check the arguments and stamp the headers; nothing is published yet."""
         args, kwargs = tuple(args or ()), dict(kwargs or {})
-        if not options.get("retries"):
+        if options.get("retries"):  # checked when first enqueued
+            arguments = redacted_arguments(self.run, args, kwargs, self.sensitive_names)
+        else:  # a bad call fails here, at the caller
             check_size(args, kwargs)
-            bind_arguments(self.run, args, kwargs)  # a bad call fails here, at the caller
+            arguments = checked_and_redacted(self.run, args, kwargs, self.sensitive_names)
         headers = dict(options.pop("headers", None) or {})
         headers[ENQUEUED_AT_HEADER] = _scheduled_time(options)
         headers.setdefault(FIRST_ENQUEUED_HEADER, time.time())
@@ -210,10 +212,9 @@ class Job(Task):  # type: ignore[misc]
         if correlation is not None:  # a job enqueued by a job carries its correlation id
             headers.setdefault(CORRELATION_HEADER, correlation)
         options["headers"] = headers
-        arguments = redacted_arguments(self.run, args, kwargs, self.sensitive_names)
         options.setdefault("argsrepr", repr(arguments))  # argsrepr reaches logs and Flower
         options.setdefault("kwargsrepr", "{}")
-        return Prepared(self, args, kwargs, task_id or uuid(), options)
+        return Prepared(self, args, kwargs, task_id or random_uuid(), options)
 
     def apply_async(
         self,

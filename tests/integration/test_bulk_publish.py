@@ -244,6 +244,34 @@ def test_the_bulk_path_publishes_what_apply_async_publishes(
     assert_equivalent(one_by_one, bulk)
 
 
+def test_later_messages_of_one_shape_come_from_its_template_and_mean_the_same(
+    bulk_broker: str, producer: Any
+) -> None:
+    # One job, queue and options: the first message is built in full, the others from the
+    # template it made (app.delivery.bulk.Template), whatever the arguments hold.
+    notes = ["plain", '100% "quoted" \\ back', "ünïcødé ✓ \u2028", "%(id)s %(body)s", ""]
+    calls: list[Call] = [
+        (compared, (2 * i + 2,), {"note": note}, {}) for i, note in enumerate(notes)
+    ]
+    templated: list[bool] = []
+    put = bulk.Template.put
+
+    def counting(self: bulk.Template, *args: Any) -> bool:
+        built = put(self, *args)
+        templated.append(built)
+        return built
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bulk.Template, "put", counting)
+        one_by_one, from_template = publish_both_ways(bulk_broker, producer, calls)
+
+    assert templated == [True] * (len(calls) - 1)
+    assert_equivalent(one_by_one, from_template)
+    (messages,) = from_template.values()
+    assert [m["body"][1]["note"] for m in messages] == notes
+    assert len({m["properties"]["delivery_tag"] for m in messages}) == len(calls)
+
+
 def test_the_correlation_id_of_the_enqueuing_job_goes_along(
     bulk_broker: str, producer: Any
 ) -> None:
