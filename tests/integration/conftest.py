@@ -181,7 +181,10 @@ def quiesce_worker(timeout: float = 60.0) -> None:
     """
     deadline = time.monotonic() + timeout
     while True:
-        purged = celery.control.purge()
+        # A connection of its own: a pooled one may have been shut by a forked child (py-amqp
+        # shuts the socket it inherited when the child closes its copy of the pool).
+        with celery.connection_for_write() as connection:
+            purged = celery.control.purge(connection=connection)
         active = list(worker_state.active_requests)
         due = [r for r in worker_state.reserved_requests if not r.eta]
         if not purged and not active and not due:

@@ -20,6 +20,7 @@ from app.db import session_scope
 from app.jobs.base import perform_all_later
 from app.jobs.testing import EnqueuedJobs
 from app.models import Product
+from app.settings import get_endpoints
 from tests.integration import harness_jobs as jobs
 from tests.integration.conftest import Services
 
@@ -107,15 +108,23 @@ def test_a_job_sent_by_name_from_an_app_that_never_imports_this_service(
         import sys
         from celery import Celery
 
-        app = Celery("another_service", broker=sys.argv[1], backend=sys.argv[1])
+        app = Celery("another_service", broker=sys.argv[1], backend=sys.argv[2])
         app.conf.update(accept_content=["json"], result_accept_content=["json"])
-        result = app.send_task("jobs.test_record_sku", args=["sent-by-name"], queue="default")
+        # On RabbitMQ the queue is the service's quorum queue: publish to it, do not declare
+        # it (stock Celery would declare a classic queue, which RabbitMQ refuses).
+        rabbit = sys.argv[1].startswith("amqp")
+        result = app.send_task(
+            "jobs.test_record_sku",
+            args=["sent-by-name"],
+            queue="default",
+            **({"declare": []} if rabbit else {}),
+        )
         print(result.get(timeout=30))
         assert "app" not in sys.modules, "the producer imported the service"
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", producer, services.broker_url],
+        [sys.executable, "-c", producer, services.broker_url, get_endpoints().result_backend],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -146,6 +146,7 @@ def test_two_relays_publish_ten_thousand_committed_jobs_each_effect_once(
     assert keys == count
 
 
+@pytest.mark.redis_only  # the job records its runs in the broker's Redis
 def test_a_rollback_publishes_nothing_and_leaves_the_outbox_empty(
     services: Services, worker: Any
 ) -> None:
@@ -166,6 +167,7 @@ def test_a_rollback_publishes_nothing_and_leaves_the_outbox_empty(
     assert [r["id"] for r in runs(client)] == [result.id]
 
 
+@pytest.mark.redis_only  # the job records its runs in the broker's Redis
 def test_outside_a_transaction_delay_publishes_directly(services: Services, worker: Any) -> None:
     client = redis.Redis.from_url(redis_client_url(services.broker_url) or "")
     client.delete(RUNS_KEY)

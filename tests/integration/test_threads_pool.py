@@ -178,7 +178,8 @@ def test_a_killed_threads_worker_loses_nothing_and_doubles_nothing(
             after the kill (at least once), and fail on its sku: the first batch of eight
             commits together, so "eight products and eight held" alone can catch that window."""
             done = set(products("tk-"))
-            held = b"".join(client.hvals("unacked"))
+            records: Any = client.hvals("unacked")
+            held = b"".join(records)
             sleeping = [s for s, i in ids.items() if i.encode() in held and s not in done]
             return len(done) >= 8 and len(sleeping) >= 8
 

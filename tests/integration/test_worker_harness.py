@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.models import Product
+from app.settings import get_endpoints
 from tests.integration.conftest import Services
 from tests.integration.harness_jobs import Boom, create_product
 
@@ -44,14 +45,19 @@ def test_a_job_sent_by_name_from_a_bare_app_is_processed(
     worker: WorkController, services: Services
 ) -> None:
     # Another service knows only the broker and the job's name, not this code base.
-    producer = Celery("producer", broker=services.broker_url, backend=services.broker_url)
+    backend = get_endpoints().result_backend  # the broker's Redis, or rpc:// on RabbitMQ
+    producer = Celery("producer", broker=services.broker_url, backend=backend)
     producer.conf.accept_content = ["json"]
     producer.conf.result_accept_content = ["json"]
     producer.conf.task_default_queue = "default"
 
-    product_id = producer.send_task("tests.create_product", args=["by-name", 3]).get(
-        timeout=TIMEOUT
+    # On RabbitMQ `default` is the service's quorum queue: a producer publishes to it without
+    # declaring it (stock Celery would declare a classic queue, which RabbitMQ refuses).
+    rabbit = services.broker_url.startswith("amqp")
+    sent = producer.send_task(
+        "tests.create_product", args=["by-name", 3], **({"declare": []} if rabbit else {})
     )
+    product_id = sent.get(timeout=TIMEOUT)
 
     assert isinstance(product_id, int)
     assert count_products() == 1
