@@ -477,13 +477,13 @@ def bench_bulk(size: int) -> dict[str, Any]:
         "target": ">= 20x faster, and >= 1/3 of the LPUSH floor",
         "met": loop / bulk >= 20 and floor / bulk >= 1 / 3,
         "note": (
-            "What limits it (python -m bench.run --only bulk --profile, pyinstrument): of "
-            "perform_all_later's time, kombu's basic_publish (base64 body, delivery-tag uuid4, "
-            "envelope JSON) takes about a quarter, the AsyncResult made and freed per job "
-            "about a sixth, the argument checks and redaction about a sixth, Celery's "
-            "create_task_message and the body's JSON about a tenth. 20x a .delay() loop "
-            "leaves about 35 us a job for all of it; this path spends 70-100 us. Going further "
-            "would mean building kombu's envelope by hand and returning ids, not results."
+            "What is left (python -m bench.run --only bulk --profile): a shape's later "
+            "messages come from its template (app.delivery.bulk.Template), so Celery's and "
+            "kombu's message building no longer counts; per job remain the call's checks, "
+            "redaction and headers (Job.prepare, about a quarter), filling the template "
+            "(arguments' JSON, base64, reprs: about a quarter), the signatures the caller "
+            "makes (about a seventh), and the pipelined LPUSH. A third of the LPUSH floor "
+            "would leave about 18 us a job for all of it; this path spends 26-28 us."
         ),
     }
 
@@ -2736,6 +2736,46 @@ def rabbit_drain_seconds(broker: str, count: int, concurrency: int) -> float:
         stop_worker(process)
 
 
+def stock_rabbit_drain_seconds(
+    broker: str, count: int, concurrency: int, quorum: bool = False
+) -> float:
+    """`rabbit_drain_seconds` for stock Celery (`bench.stock_app`: kombu's py-amqp transport,
+    the service's delivery settings), on classic queues as stock Celery declares them or, with
+    `quorum`, on quorum queues."""
+    from celery import Celery
+
+    from bench.keys import INCR_COUNTER
+    from bench.stock_app import quorum_queues
+
+    client = redis_client()
+    client.delete(INCR_COUNTER)
+    producer = Celery("bench-stock-producer", broker=broker, set_as_current=False)
+    producer.conf.task_default_queue = "default"
+    if quorum:
+        producer.conf.task_queues = quorum_queues()
+    with producer.producer_or_acquire() as p, p.batch(max_size=1000):
+        for i in range(count):
+            producer.send_task(
+                "bench.incr", args=[i], queue="default", producer=p, ignore_result=True
+            )
+    env = {"BROKER_URL": broker, "BENCH_REDIS_URL": os.environ["BROKER_URL"]}
+    if quorum:
+        env["BENCH_QUORUM"] = "1"
+    process = celery_worker(True, concurrency, env=env)
+    try:
+        wait_for(lambda: int(client.get(INCR_COUNTER) or 0) > 0, 120, "stock: start", process)
+        start = time.perf_counter()
+        wait_for(
+            lambda: int(client.get(INCR_COUNTER) or 0) >= count,
+            120 + count / 20,
+            f"stock Celery draining {count} bench.incr on RabbitMQ",
+            process,
+        )
+        return time.perf_counter() - start
+    finally:
+        stop_worker(process)
+
+
 def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:
     """No-op drain rate of the service's worker on RabbitMQ (quorum queues, default settings)
     vs on Redis (the service's transport), alternated `rounds` times."""
@@ -2749,22 +2789,31 @@ def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[st
     def ctl(*args: str) -> None:
         subprocess.run([rabbitmqctl, "-q", *args], check=True, capture_output=True, timeout=60)
 
-    ctl("add_vhost", RABBIT_VHOST)
+    # Stock Celery's queues in virtual hosts of their own (a classic `default` cannot sit
+    # beside a quorum one of the same name).
+    vhosts = {"rabbitmq": RABBIT_VHOST, "stock": RABBIT_VHOST + "_s", "quorum": RABBIT_VHOST + "_q"}
+    for vhost in vhosts.values():
+        ctl("add_vhost", vhost)
     try:
-        ctl("set_permissions", "-p", RABBIT_VHOST, "guest", ".*", ".*", ".*")
-        sides = {
-            "redis": os.environ["BROKER_URL"],
-            "rabbitmq": f"amqp://guest:guest@{RABBIT_HOST}/{RABBIT_VHOST}",
-        }
+        for vhost in vhosts.values():
+            ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        sides = {"redis": os.environ["BROKER_URL"]}
+        sides.update({s: f"amqp://guest:guest@{RABBIT_HOST}/{v}" for s, v in vhosts.items()})
         rates: dict[str, list[float]] = {side: [] for side in sides}
         counted: list[int] = []
         for _ in range(rounds):
             for side, broker in sides.items():
-                seconds = rabbit_drain_seconds(broker, count, concurrency)
+                if side in ("stock", "quorum"):
+                    seconds = stock_rabbit_drain_seconds(
+                        broker, count, concurrency, quorum=side == "quorum"
+                    )
+                else:
+                    seconds = rabbit_drain_seconds(broker, count, concurrency)
                 rates[side].append(count / seconds)
                 counted.append(int(client.get(INCR_COUNTER) or 0))
     finally:
-        ctl("delete_vhost", RABBIT_VHOST)
+        for vhost in vhosts.values():
+            ctl("delete_vhost", vhost)
     mean = {side: statistics.fmean(values) for side, values in rates.items()}
 
     def listed(side: str) -> str:
@@ -2773,18 +2822,23 @@ def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[st
     return {
         "name": "drain on RabbitMQ",
         "size": count,
-        "baseline": f"service worker on Redis ({count:,} jobs, concurrency {concurrency}): "
-        f"{listed('redis')} jobs/s",
+        "baseline": f"stock Celery on RabbitMQ, the same delivery settings ({count:,} jobs, "
+        f"concurrency {concurrency}): quorum queues {listed('quorum')} jobs/s, classic queues "
+        f"{listed('stock')} jobs/s; service worker on Redis: {listed('redis')} jobs/s",
         "measured": f"service worker on RabbitMQ, quorum queues: {listed('rabbitmq')} jobs/s",
-        "ratio": round(mean["rabbitmq"] / mean["redis"], 3),
-        "target": "every job ran once (rates reported; ratio: RabbitMQ / Redis jobs/s)",
+        "ratio": round(mean["rabbitmq"] / mean["quorum"], 3),
+        "target": "every job ran once (rates reported; ratio: service / stock Celery, both on "
+        "RabbitMQ quorum queues)",
         "met": all(c == count for c in counted),
         "jobs_per_s": {side: [round(r, 1) for r in values] for side, values in rates.items()},
         "counted": counted,
         "note": (
-            "Alternated Redis, RabbitMQ, twice. The same service worker (its whole "
-            "celeryconfig: task_acks_late, prefetch 1, task events on, prefork concurrency 2, "
-            "queues urgent, default and low) and the same task body (bench.incr: INCR a counter "
+            "Alternated Redis, RabbitMQ, stock Celery on RabbitMQ (classic queues, then quorum "
+            "queues), twice. Stock Celery (bench.stock_app: task_acks_late, prefetch 1, "
+            "reject_on_worker_lost, task events off, its queues in virtual hosts of their own) "
+            "runs the same task body. "
+            "The same service worker (its whole celeryconfig: task_acks_late, prefetch 1, "
+            "task events off (the default), prefork concurrency 2, queues urgent, default and low) and the same task body (bench.incr: INCR a counter "
             "in the benchmark's Redis, on both sides), timed from the first job to the last by "
             "that counter. On RabbitMQ the queues are quorum queues (Raft-replicated log, "
             "fsynced: a single node here) on the topic exchange `jobs`, in a virtual host made "

@@ -8,7 +8,8 @@ visibility timeout (21,600 s), or `BENCH_VISIBILITY_TIMEOUT`. kombu's restore sw
 
     celery -A bench.stock_app worker --queues default --concurrency 2
 
-`BROKER_URL` is the benchmark's Redis database (set by `bench.run`).
+`BROKER_URL` is the benchmark's Redis database (set by `bench.run`), or a RabbitMQ virtual host
+(the `rabbitmq` benchmark), with `BENCH_REDIS_URL` then naming the Redis the tasks count in.
 """
 
 from __future__ import annotations
@@ -21,11 +22,25 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
+from kombu import Queue
 
 from bench.keys import DUE_STARTS, HOLD_SECONDS, HOLD_STARTS, INCR_COUNTER
 
 BROKER_URL = os.environ["BROKER_URL"]
+#: Where the tasks count and record (the benchmark's Redis), when the broker is not Redis.
+COUNTER_URL = os.environ.get("BENCH_REDIS_URL") or BROKER_URL
 VISIBILITY_TIMEOUT = float(os.environ.get("BENCH_VISIBILITY_TIMEOUT", "21600"))
+
+
+
+def quorum_queues() -> list[Queue]:
+    """The worker's three queues as RabbitMQ quorum queues (stock Celery then uses a
+    per-consumer prefetch, as it does for the service's)."""
+    return [
+        Queue(name, routing_key=name, queue_arguments={"x-queue-type": "quorum"})
+        for name in ("urgent", "default", "low")
+    ]
+
 
 stock = Celery("stock", broker=BROKER_URL)
 stock.conf.update(
@@ -42,6 +57,8 @@ stock.conf.update(
         "unacked_restore_throttle": 1,
     },
 )
+if os.environ.get("BENCH_QUORUM"):  # RabbitMQ quorum queues, as the service declares them
+    stock.conf.task_queues = quorum_queues()
 app = stock  # `celery -A bench.stock_app`
 
 _redis: Any = None
@@ -52,12 +69,12 @@ def _client() -> Any:
     # One client per process: a prefork child must not reuse a socket its parent opened.
     global _redis, _redis_pid
     if _redis is None or _redis_pid != os.getpid():
-        parts = urlsplit(BROKER_URL)
+        parts = urlsplit(COUNTER_URL)
         if parts.scheme == "redis+socket":  # kombu's unix-socket URL (the embedded Redis)
             db = int(parts.query.removeprefix("virtual_host=") or 0)
             _redis = redis.Redis(unix_socket_path=parts.path, db=db)
         else:
-            _redis = redis.Redis.from_url(BROKER_URL)
+            _redis = redis.Redis.from_url(COUNTER_URL)
         _redis_pid = os.getpid()
     return _redis
 
