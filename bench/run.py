@@ -2836,14 +2836,14 @@ def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[st
             "Alternated Redis, RabbitMQ, stock Celery on RabbitMQ (classic queues, then quorum "
             "queues), twice. Stock Celery (bench.stock_app: task_acks_late, prefetch 1, "
             "reject_on_worker_lost, task events off, its queues in virtual hosts of their own) "
-            "runs the same task body. "
-            "The same service worker (its whole celeryconfig: task_acks_late, prefetch 1, "
-            "task events off (the default), prefork concurrency 2, queues urgent, default and low) and the same task body (bench.incr: INCR a counter "
+            "runs the same task body. The same service worker (its whole celeryconfig: "
+            "task_acks_late, prefetch 1, task events off (the default), prefork concurrency 2, "
+            "queues urgent, default and low) and the same task body (bench.incr: INCR a counter "
             "in the benchmark's Redis, on both sides), timed from the first job to the last by "
             "that counter. On RabbitMQ the queues are quorum queues (Raft-replicated log, "
             "fsynced: a single node here) on the topic exchange `jobs`, in a virtual host made "
-            f"for the run ({RABBIT_VHOST}, deleted after); the worker also consumes the "
-            "dead-letter queue and has set up the native delayed-delivery queues."
+            f"for the run ({RABBIT_VHOST}, deleted after); the worker also consumes the dead-"
+            "letter queue and has set up the native delayed-delivery queues."
         ),
     }
 

@@ -32,7 +32,6 @@ COUNTER_URL = os.environ.get("BENCH_REDIS_URL") or BROKER_URL
 VISIBILITY_TIMEOUT = float(os.environ.get("BENCH_VISIBILITY_TIMEOUT", "21600"))
 
 
-
 def quorum_queues() -> list[Queue]:
     """The worker's three queues as RabbitMQ quorum queues (stock Celery then uses a
     per-consumer prefetch, as it does for the service's)."""
