@@ -13,6 +13,8 @@ from app.settings import QUEUES, get_settings
 
 #: The message header the job layer stamps with the enqueue time (app.jobs.base).
 ENQUEUED_AT_HEADER = "job_enqueued_at"
+#: When the job was first enqueued (a retry keeps it; `job_enqueued_at` is each message's own).
+FIRST_ENQUEUED_HEADER = "job_first_enqueued_at"
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,19 @@ def prepare_environment() -> str:
     if settings.database_url is None and settings.broker_url is None:
         return "the embedded PostgreSQL and Redis"
     return f"DATABASE_URL={redact_url(database_url)} BROKER_URL={redact_url(broker_url)}"
+
+
+def lpush_floor_seconds(client: Any, queue: str, messages: Sequence[Any]) -> float:
+    """The raw Redis floor for publishing `messages`: `queue` emptied, then one LPUSH each,
+    1,000 a pipelined round trip; the seconds it took."""
+    client.delete(queue)
+    started = time.perf_counter()
+    for first in range(0, len(messages), 1000):
+        with client.pipeline(transaction=False) as pipe:
+            for message in messages[first : first + 1000]:
+                pipe.lpush(queue, message)
+            pipe.execute()
+    return time.perf_counter() - started
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -454,14 +467,7 @@ def bench_bulk(size: int) -> dict[str, Any]:
     assert len(messages) == size, f"{len(messages)} of {size} messages in {queue!r}"
     client.flushdb()
 
-    def lpush_floor() -> None:
-        for first in range(0, size, 1000):
-            with client.pipeline(transaction=False) as pipe:
-                for message in messages[first : first + 1000]:
-                    pipe.lpush(queue, message)
-                pipe.execute()
-
-    floor = timed(lpush_floor) / size
+    floor = lpush_floor_seconds(client, queue, messages) / size
     client.flushdb()
     return {
         "name": "bulk enqueue",
@@ -1602,16 +1608,6 @@ def bench_scheduled_poller(size: int, rounds: int = 2) -> dict[str, Any]:
         client.copy(saved[0], keys.schedule, replace=True)
         client.copy(saved[1], keys.schedule_messages, replace=True)
 
-    def lpush_floor() -> float:
-        client.delete(queue)
-        started = time.perf_counter()
-        for first in range(0, size, 1000):
-            with client.pipeline(transaction=False) as pipe:
-                for message in messages[first : first + 1000]:
-                    pipe.lpush(queue, message)
-                pipe.execute()
-        return time.perf_counter() - started
-
     rates: dict[str, list[float]] = {"one": [], "two": [], "lpush": []}
     checks = []
     for _ in range(rounds):
@@ -1631,7 +1627,7 @@ def bench_scheduled_poller(size: int, rounds: int = 2) -> dict[str, Any]:
                 and check["left_in_set"] == check["left_messages"] == 0
             )
             checks.append(check)
-        rates["lpush"].append(size / lpush_floor())
+        rates["lpush"].append(size / lpush_floor_seconds(client, queue, messages))
         if int(client.llen(queue)) != size:
             raise RuntimeError("scheduled poller: the LPUSH floor lost messages")
     client.flushdb()
@@ -2721,14 +2717,22 @@ def rabbit_drain_seconds(broker: str, count: int, concurrency: int) -> float:
                 "bench.incr", args=[i], queue="default", producer=p, ignore_result=True
             )
     env = {"BROKER_URL": broker, "BENCH_REDIS_URL": os.environ["BROKER_URL"]}
-    process = worker(concurrency, env)
+    return counted_drain_seconds(worker(concurrency, env), count, f"the service on {broker}")
+
+
+def counted_drain_seconds(process: subprocess.Popen[bytes], count: int, what: str) -> float:
+    """Seconds `process` (a worker) takes from its first bench.incr to its `count`th, by the
+    counter in the benchmark's Redis; the worker is stopped after."""
+    from bench.keys import INCR_COUNTER
+
+    client = redis_client()
     try:
-        wait_for(lambda: int(client.get(INCR_COUNTER) or 0) > 0, 120, "rabbitmq: start", process)
+        wait_for(lambda: int(client.get(INCR_COUNTER) or 0) > 0, 120, f"{what}: start", process)
         start = time.perf_counter()
         wait_for(
             lambda: int(client.get(INCR_COUNTER) or 0) >= count,
             120 + count / 20,
-            f"draining {count} bench.incr on {broker.split(':')[0]}",
+            f"{what}: draining {count} bench.incr",
             process,
         )
         return time.perf_counter() - start
@@ -2762,18 +2766,7 @@ def stock_rabbit_drain_seconds(
     if quorum:
         env["BENCH_QUORUM"] = "1"
     process = celery_worker(True, concurrency, env=env)
-    try:
-        wait_for(lambda: int(client.get(INCR_COUNTER) or 0) > 0, 120, "stock: start", process)
-        start = time.perf_counter()
-        wait_for(
-            lambda: int(client.get(INCR_COUNTER) or 0) >= count,
-            120 + count / 20,
-            f"stock Celery draining {count} bench.incr on RabbitMQ",
-            process,
-        )
-        return time.perf_counter() - start
-    finally:
-        stop_worker(process)
+    return counted_drain_seconds(process, count, f"stock Celery on {broker}")
 
 
 def bench_rabbitmq(count: int, rounds: int = 2, concurrency: int = 2) -> dict[str, Any]:

@@ -28,10 +28,7 @@ from kombu.utils.functional import maybe_evaluate
 
 from app.celery_app import celery_app
 from app.delivery.flow import EXPIRES_HEADER
-from app.queues import ENQUEUED_AT_HEADER
-
-#: app.jobs.base's header (which imports this module) for when a job was first enqueued.
-FIRST_ENQUEUED_HEADER = "job_first_enqueued_at"
+from app.queues import ENQUEUED_AT_HEADER, FIRST_ENQUEUED_HEADER
 
 if TYPE_CHECKING:
     from app.jobs.base import Job, Prepared
@@ -471,12 +468,9 @@ class Template:
         if len(added) != 1 or added[0][0] != "lpush" or len(added[0][1]) != 2:
             return None  # scheduled for later, an expiring queue, a replicated publish
         key, encoded = added[0][1]
-        codec = serialization.registry._encoders.get(bulk.default_serializer)
         headers, properties = message.get("headers"), message.get("properties")
         if (
             not isinstance(encoded, str)
-            or codec is None
-            or codec.encoder is not kombu_json.dumps
             or not isinstance(headers, dict)
             or not isinstance(properties, dict)
         ):
@@ -507,7 +501,7 @@ class Template:
         template = cls(key, text, timestamps, kombu_json.JSONEncoder().encode)
         values = template.values(item, properties["delivery_tag"], headers)
         if values is None or encode_basestring_ascii(message["body"]) != values["body"]:
-            return None  # another body encoding
+            return None  # another serializer or body encoding than kombu's JSON and base64
         if text % values != encoded:
             return None  # something of this message is not where a template expects it
         return template

@@ -155,14 +155,21 @@ def bind_arguments(
                 f"arguments do not fit: expected ({_parameters(signature)}), "
                 f"got {_shape(args, kwargs)}: {exc}"
             ) from None
+    _check_values(func, bound.arguments)
+    return bound
+
+
+def _check_values(func: Callable[..., Any], arguments: Mapping[str, Any]) -> None:
+    """Run each annotated parameter's check on its bound value; raise on the first problem."""
     checks = _checks(func)
-    for name, value in bound.arguments.items():
+    if not checks:
+        return
+    for name, value in arguments.items():
         check = checks.get(name)
         if check is not None:
             problem = check(value)
             if problem is not None:
                 raise DeserializationError(f"argument {name!r} {problem}")
-    return bound
 
 
 def checked_and_redacted(
@@ -175,23 +182,9 @@ def checked_and_redacted(
     binding the call once: what enqueueing a job needs of its arguments."""
     shape = _positional(func)
     if not kwargs and shape is not None and shape[1] <= len(args) <= len(shape[0]):
-        arguments = dict(zip(shape[0], args, strict=False))
-        checks = _checks(func)
-        if checks:
-            for name, value in arguments.items():
-                check = checks.get(name)
-                if check is not None:
-                    problem = check(value)
-                    if problem is not None:
-                        raise DeserializationError(f"argument {name!r} {problem}")
-        return {
-            name: REDACTED
-            if name.lower() in sensitive
-            else value
-            if type(value) in _SCALARS
-            else redact(value, sensitive)
-            for name, value in arguments.items()
-        }
+        arguments = dict(zip(shape[0], args, strict=False))  # what bind_arguments binds
+        _check_values(func, arguments)
+        return redact(arguments, sensitive)  # type: ignore[no-any-return]
     bind_arguments(func, args, kwargs)
     return redacted_arguments(func, args, kwargs, sensitive)
 
@@ -324,10 +317,15 @@ def redact(value: Any, sensitive: Iterable[str] = SENSITIVE_NAMES) -> Any:
     """`value` with sensitive keys' values, at any depth, replaced by [REDACTED]; long text cut."""
     if type(value) in _SCALARS:  # nothing to redact or cut (the common case: ids)
         return value
-    names = frozenset(sensitive)
-    if isinstance(value, Mapping):
+    names = frozenset(sensitive)  # (the same object when given a frozenset)
+    if type(value) is dict or isinstance(value, Mapping):
         return {
-            k: REDACTED if str(k).lower() in names else redact(v, names) for k, v in value.items()
+            k: REDACTED
+            if str(k).lower() in names
+            else v
+            if type(v) in _SCALARS
+            else redact(v, names)
+            for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [redact(v, names) for v in value]

@@ -66,7 +66,7 @@ from app.jobs.errors import DeserializationError, JobDeclarationError
 from app.jobs.instrumentation import AroundPerform, Execution
 from app.jobs.policies import DiscardOn, Policy, RetryOn, counted_executions, find_policy
 from app.logs import CORRELATION_HEADER, current_correlation_id
-from app.queues import ENQUEUED_AT_HEADER
+from app.queues import ENQUEUED_AT_HEADER, FIRST_ENQUEUED_HEADER
 from app.services import dead_letters
 from app.settings import QUEUES
 
@@ -75,8 +75,6 @@ logger = logging.getLogger("app.jobs")
 DEFAULT_QUEUE = "default"
 #: Message headers the job layer reads and writes.
 EXECUTIONS_HEADER = "job_executions"
-#: When the job was first enqueued (a retry keeps it; `job_enqueued_at` is each message's own).
-FIRST_ENQUEUED_HEADER = "job_first_enqueued_at"
 #: Headers a retry carries over from the message it retries (Celery would replace them all).
 #: The batch a job belongs to (app.jobs.batches).
 BATCH_HEADER = "job_batch"

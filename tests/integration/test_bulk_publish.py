@@ -30,9 +30,9 @@ from app.delivery import bulk
 from app.delivery.records import Keys
 from app.jobs import base
 from app.jobs.arguments import RowId
-from app.jobs.base import FIRST_ENQUEUED_HEADER, Prepared, job, perform_all_later
+from app.jobs.base import Prepared, job, perform_all_later
 from app.logs import CORRELATION_HEADER, current_correlation_id
-from app.queues import ENQUEUED_AT_HEADER
+from app.queues import ENQUEUED_AT_HEADER, FIRST_ENQUEUED_HEADER
 from app.settings import redis_client_url
 from tests.integration.conftest import Services, flush_broker, isolated_broker
 from tests.integration.factories import wait_until
