@@ -19,14 +19,25 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+import select
 import smtplib
+import threading
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
 
 EMAIL_TYPES = ("order_confirmation", "insufficient_funds", "daily_report", "batch_completed")
+
+#: A kept SMTP session unused for longer is closed rather than used again (servers drop idle
+#: sessions after a few minutes: Postfix's smtpd_timeout and aiosmtpd's are 300 s).
+SESSION_IDLE_SECONDS = 60.0
+#: Messages sent in one SMTP session before it is ended and a new one opened.
+SESSION_MAX_MESSAGES = 100
 
 #: The right-hand side of every Message-ID this service generates.
 MESSAGE_ID_DOMAIN = "jobs-service"
@@ -188,17 +199,21 @@ def _check_addresses(message: EmailMessage, name: str, email_type: str) -> None:
 
 
 def send(message: EmailMessage, *, host: str, port: int, timeout: float = 10.0) -> None:
-    """Deliver `message` to its To/Cc/Bcc addresses through the SMTP server at host:port."""
+    """Deliver `message` to its To/Cc/Bcc addresses through the SMTP server at host:port.
+
+    The session is kept open after a delivered message and used again by the same thread's
+    next message to the same server (see `_Sessions`); after any failure it is closed.
+    """
     where = f"SMTP server {host}:{port}"
     stage = "connecting"
-    client: smtplib.SMTP | None = None
+    session: _Kept | None = None
     delivered = False
     try:
-        client = smtplib.SMTP(host, port, timeout=timeout)
-        # STARTTLS and login() would go here, before the message; the loopback dev server
-        # needs neither.
+        session = _sessions.take(host, port, timeout)
+        # STARTTLS and login() would go here, when the session is opened; the loopback dev
+        # server needs neither.
         stage = "sending the message"
-        refused = client.send_message(message)
+        refused = session.client.send_message(message)
         if refused:
             # Some recipients took it and some did not: report the refusals, or they go unseen.
             raise _refused_error(where, refused)
@@ -206,8 +221,79 @@ def send(message: EmailMessage, *, host: str, port: int, timeout: float = 10.0) 
     except (smtplib.SMTPException, OSError) as exc:  # every smtplib error is an OSError too
         raise _mail_error(exc, where, stage, timeout) from exc
     finally:
-        if client is not None:
-            _close(client, polite=delivered)
+        if session is not None:
+            if delivered:
+                _sessions.keep(host, port, timeout, session)
+            else:
+                # After an error the session's state is unknown (a late reply may still be on
+                # its way), so it is not used again, nor asked to QUIT: just closed.
+                session.client.close()
+
+
+@dataclass
+class _Kept:
+    client: smtplib.SMTP
+    pid: int  # the process that opened it
+    messages: int = 0  # delivered in this session
+    since: float = 0.0  # when it was last kept (monotonic)
+
+
+class _Sessions(threading.local):
+    """Each thread's open SMTP session, one per server, for its next message.
+
+    A new session costs a TCP handshake and three round trips (greeting, EHLO, and QUIT at
+    the end) on top of the message's own. A kept session the server has closed since (idle
+    timeout, restart) is found before it is used (`_closing`), so that case opens a new
+    session instead of failing the message. Per thread, because an smtplib.SMTP is not safe to
+    share; closed after any failure (its state unknown), after SESSION_IDLE_SECONDS unused, and
+    after SESSION_MAX_MESSAGES messages (servers limit them).
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[str, int, float], _Kept] = {}
+
+    def take(self, host: str, port: int, timeout: float) -> _Kept:
+        kept = self.open.pop((host, port, timeout), None)
+        if kept is not None:
+            # A forked child's copy of its parent's session is the parent's to use.
+            if (
+                kept.pid == os.getpid()
+                and time.monotonic() - kept.since < SESSION_IDLE_SECONDS
+                and not _closing(kept.client)
+            ):
+                return kept
+            kept.client.close()
+        return _Kept(smtplib.SMTP(host, port, timeout=timeout), os.getpid())
+
+    def keep(self, host: str, port: int, timeout: float, kept: _Kept) -> None:
+        kept.messages += 1
+        if kept.messages >= SESSION_MAX_MESSAGES:
+            try:
+                kept.client.quit()
+            except (smtplib.SMTPException, OSError):
+                kept.client.close()
+            return
+        kept.since = time.monotonic()
+        self.open[(host, port, timeout)] = kept
+
+
+_sessions = _Sessions()
+
+
+def _closing(client: smtplib.SMTP) -> bool:
+    """Whether the server has closed the idle session, or said something (a 421 before it
+    closes it): either makes its socket readable. Looked at without a round trip, as urllib3
+    looks at a pooled connection; a session closed after this look fails at MAIL FROM,
+    before anything of the message is sent, and the job's retry opens a new one."""
+    sock = client.sock
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _mail_error(exc: OSError, where: str, stage: str, timeout: float) -> MailError:
@@ -229,19 +315,6 @@ def _mail_error(exc: OSError, where: str, stage: str, timeout: float) -> MailErr
         return PermanentMailError(f"{where} cannot take the message: {exc}")
     # Refused, reset, unreachable, unknown host: network trouble, worth another attempt.
     return TransientMailError(f"{where} connection failed while {stage}: {_describe(exc)}")
-
-
-def _close(client: smtplib.SMTP, *, polite: bool) -> None:
-    """End the session; a failed QUIT after a delivered message is no failure to send."""
-    if polite:
-        try:
-            client.quit()
-            return
-        except (smtplib.SMTPException, OSError):
-            pass
-    # After an error the session's state is unknown (a late reply may still be on its way), so
-    # do not wait for one to QUIT: just close the socket.
-    client.close()
 
 
 def _reply_error(where: str, stage: str, code: int, reply: bytes | str) -> MailError:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -382,3 +384,72 @@ def test_a_server_with_latency_answers_every_message_that_much_later() -> None:
         assert len(server.messages) == 2
     with pytest.raises(ValueError, match="latency"):
         SmtpServer(latency=-1)
+
+
+# --- kept sessions -----------------------------------------------------------------------------
+
+
+def test_one_threads_messages_go_in_one_session(smtp: SmtpServer) -> None:
+    for key in ("a", "b", "c"):
+        send_to(smtp, order_email(key))
+
+    peers = {received.peer for received in smtp.messages}
+    assert len(smtp.messages) == 3
+    assert len(peers) == 1
+
+
+def test_each_thread_has_a_session_of_its_own(smtp: SmtpServer) -> None:
+    threads = [
+        threading.Thread(target=send_to, args=(smtp, order_email(f"t-{i}"))) for i in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len({received.peer for received in smtp.messages}) == 3
+
+
+def test_after_a_failure_the_next_message_opens_a_new_session(smtp: SmtpServer) -> None:
+    send_to(smtp, order_email("first"))
+    smtp.fail_next(451)
+    with pytest.raises(TransientMailError):
+        send_to(smtp, order_email("refused"))
+    send_to(smtp, order_email("after"))
+
+    first, after = smtp.messages
+    assert first.peer != after.peer
+
+
+def test_a_session_the_server_closed_is_replaced_and_the_message_delivered(
+    smtp: SmtpServer,
+) -> None:
+    send_to(smtp, order_email("before"))
+    port = smtp.port
+    smtp.stop()  # ends the session this thread keeps
+
+    with SmtpServer(port=port) as restarted:
+        send_to(restarted, order_email("after"))
+
+        [received] = restarted.messages
+        assert received.message["Message-ID"] == message_id("after")
+
+
+def test_a_forked_child_opens_a_session_of_its_own(smtp: SmtpServer) -> None:
+    send_to(smtp, order_email("parent-1"))
+
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its message went through
+        code = 1
+        try:
+            send_to(smtp, order_email("child"))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    send_to(smtp, order_email("parent-2"))  # the parent's session was not disturbed
+
+    parent_1, child, parent_2 = smtp.messages
+    assert child.message["Message-ID"] == message_id("child")
+    assert parent_1.peer == parent_2.peer != child.peer
