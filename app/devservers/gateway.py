@@ -18,9 +18,11 @@ Run it on its own with `python -m app.devservers.gateway --port 8090`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import secrets
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -287,12 +289,42 @@ class _Server(ThreadingHTTPServer):
         self.state = state
         # Set on stop: wakes handlers stalled by timeout_next so none outlives the server long.
         self.stopping = stopping
+        # Open connections (HTTP/1.1 keeps them between requests), shut on stop: a stopped
+        # gateway answers nothing more, on new connections or kept ones.
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        self.accepted = 0  # connections accepted in all
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+            self.accepted += 1
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def shut_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(BaseHTTPRequestHandler):
     """Routes one request to the state and writes the JSON reply."""
 
     server_version = "GatewaySimulator/1.0"
+    # Keep-alive, as real gateways: a client may send its next charge on the same connection.
+    protocol_version = "HTTP/1.1"
+    # A kept connection idle this long is closed (the client stops reusing one sooner).
+    timeout = 30
+    # The reply's headers and body are two writes; with Nagle's algorithm on a kept connection
+    # the body would wait for the client's delayed ACK of the headers (40 ms on Linux).
+    disable_nagle_algorithm = True
 
     def do_POST(self) -> None:
         state = cast(_Server, self.server).state
@@ -396,6 +428,7 @@ class GatewaySimulator(Lifecycle):
         self._stopping.set()
         server.shutdown()
         server.server_close()
+        server.shut_connections()
         if thread is not None:
             thread.join()
         self._server = self._thread = None
@@ -425,6 +458,15 @@ class GatewaySimulator(Lifecycle):
     def timeout_next(self, n: int, seconds: float) -> None:
         """Stall the next n charge requests `seconds` after processing them, before replying."""
         self._state.timeout_next(n, seconds)
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted since start (a client keeping its connection uses one)."""
+        server = self._server
+        if server is None:
+            return 0
+        with server.connections_lock:
+            return server.accepted
 
     def reset(self) -> None:
         """Forget every charge, stored key, request count and pending fault."""

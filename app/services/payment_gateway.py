@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -122,28 +125,40 @@ class PaymentGatewayClient:
         raise _error_for(status, payload, what, card_token)
 
     def _post(self, body: bytes, idempotency_key: str, what: str) -> tuple[int, bytes]:
-        """Send one POST and read the whole reply; map transport failures to GatewayError."""
-        connection_class = (
-            http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        )
-        # A new connection per charge: no state shared between threads, and a dropped keep-alive
-        # connection can never be mistaken for a gateway failure.
-        connection = connection_class(self._host, self._port, timeout=self.timeout)
+        """Send one POST and read the whole reply; map transport failures to GatewayError.
+
+        The connection is kept for this thread's next charge to the same gateway (HTTP
+        keep-alive, see `_Connections`). A kept connection the gateway has closed since fails
+        before any reply; the request then goes once more on a new connection, which is safe
+        because the gateway charges once per idempotency key.
+        """
+        key = (self._https, self._host, self._port, self.timeout)
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
             "Idempotency-Key": idempotency_key,
         }
+        connection, kept = _connections.take(key)
         try:
-            connection.request("POST", self._path, body=body, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read()
+            try:
+                connection.request("POST", self._path, body=body, headers=headers)
+                response = connection.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not kept:
+                    raise
+                connection.close()
+                connection, kept = _connections.new(key), False
+                connection.request("POST", self._path, body=body, headers=headers)
+                response = connection.getresponse()
+            reply = response.status, response.read()
         except ConnectionRefusedError as exc:
             # Refused means nothing was received, so nothing can have been charged.
+            connection.close()
             raise GatewayUnavailable(
                 f"payment gateway at {self.base_url} refused the connection; {what} not made"
             ) from exc
         except TimeoutError as exc:
+            connection.close()
             raise GatewayTimeout(
                 f"payment gateway at {self.base_url} did not answer within {self.timeout:g}s; "
                 f"{what} has an unknown outcome, retry with the same key"
@@ -151,6 +166,7 @@ class PaymentGatewayClient:
         except (ConnectionError, http.client.HTTPException) as exc:
             # Reset, broken pipe, RemoteDisconnected (closed before a status line), a truncated
             # body: the request may have been processed, so the outcome is unknown.
+            connection.close()
             raise GatewayTimeout(
                 f"connection to the payment gateway at {self.base_url} dropped before a full "
                 f"answer ({type(exc).__name__}); {what} has an unknown outcome, "
@@ -158,11 +174,62 @@ class PaymentGatewayClient:
             ) from exc
         except OSError as exc:
             # Name resolution failed, no route to host...: the request never left.
+            connection.close()
             raise GatewayUnavailable(
                 f"payment gateway at {self.base_url} unreachable ({exc}); {what} not made"
             ) from exc
-        finally:
+        except BaseException:
             connection.close()
+            raise
+        if response.will_close:
+            connection.close()
+        else:
+            _connections.keep(key, connection)
+        return reply
+
+
+_ConnectionKey = tuple[bool, str | None, int | None, float]
+
+
+@dataclass
+class _Kept:
+    connection: http.client.HTTPConnection
+    pid: int  # the process that opened it
+    since: float  # when it was kept (monotonic)
+
+
+class _Connections(threading.local):
+    """Each thread's open connection to each gateway, kept between charges (HTTP keep-alive):
+    a new one costs a TCP handshake (and a TLS one over https) per charge. Per thread, because
+    an HTTPConnection is not safe to share; closed after any failure, and not used again after
+    IDLE_SECONDS unused (servers close idle connections after a while)."""
+
+    IDLE_SECONDS = 15.0
+
+    def __init__(self) -> None:
+        self.open: dict[_ConnectionKey, _Kept] = {}
+
+    def take(self, key: _ConnectionKey) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept connection (True) or a new one (False)."""
+        kept = self.open.pop(key, None)
+        if kept is not None:
+            # A forked child's copy of its parent's connection is the parent's to use.
+            if kept.pid == os.getpid() and time.monotonic() - kept.since < self.IDLE_SECONDS:
+                return kept.connection, True
+            kept.connection.close()
+        return self.new(key), False
+
+    @staticmethod
+    def new(key: _ConnectionKey) -> http.client.HTTPConnection:
+        https, host, port, timeout = key
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        return connection_class(host or "", port, timeout=timeout)
+
+    def keep(self, key: _ConnectionKey, connection: http.client.HTTPConnection) -> None:
+        self.open[key] = _Kept(connection, os.getpid(), time.monotonic())
+
+
+_connections = _Connections()
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:

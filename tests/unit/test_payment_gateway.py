@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -381,3 +382,63 @@ def test_a_gateway_with_latency_answers_every_charge_that_much_later() -> None:
         assert len(simulator.charges) == 2
     with pytest.raises(ValueError, match="latency"):
         GatewaySimulator(latency=-1)
+
+
+# --- keep-alive --------------------------------------------------------------------------------
+
+
+def test_one_threads_charges_share_one_connection(
+    gateway: GatewaySimulator, client: PaymentGatewayClient
+) -> None:
+    for key in ("ka-1", "ka-2", "ka-3"):
+        client.charge(idempotency_key=key, amount=AMOUNT, card_token="tok_ok")
+    # Another client object of the same gateway, in the same thread: the same connection.
+    PaymentGatewayClient(gateway.url, timeout=2.0).charge(
+        idempotency_key="ka-4", amount=AMOUNT, card_token="tok_ok"
+    )
+
+    assert [c.idempotency_key for c in gateway.charges] == ["ka-1", "ka-2", "ka-3", "ka-4"]
+    assert gateway.connections == 1
+
+
+def test_each_thread_has_a_connection_of_its_own(
+    gateway: GatewaySimulator, client: PaymentGatewayClient
+) -> None:
+    def charge(key: str) -> None:
+        client.charge(idempotency_key=key, amount=AMOUNT, card_token="tok_ok")
+
+    threads = [threading.Thread(target=charge, args=(f"t-{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(gateway.charges) == 3
+    assert gateway.connections == 3
+
+
+def test_a_kept_connection_the_gateway_closed_is_replaced_and_the_charge_made_once(
+    gateway: GatewaySimulator, client: PaymentGatewayClient
+) -> None:
+    client.charge(idempotency_key="before", amount=AMOUNT, card_token="tok_ok")
+    port = urlsplit(gateway.url).port or 0
+    gateway.stop()  # closes the connection this thread keeps
+    with GatewaySimulator(port=port) as restarted:
+        charge = client.charge(idempotency_key="after", amount=AMOUNT, card_token="tok_ok")
+
+        [made] = restarted.charges
+        assert (made.id, made.idempotency_key) == (charge.charge_id, "after")
+        assert restarted.connections == 1
+        assert restarted.requests == 1
+
+
+def test_a_gateway_gone_since_the_last_charge_is_unavailable_not_a_timeout(
+    gateway: GatewaySimulator, client: PaymentGatewayClient
+) -> None:
+    client.charge(idempotency_key="before", amount=AMOUNT, card_token="tok_ok")
+    gateway.stop()
+
+    # The kept connection is dead; the request goes again on a new one, which is refused:
+    # nothing can have been charged, which a timeout ("unknown outcome") would not say.
+    with pytest.raises(GatewayUnavailable, match="refused"):
+        client.charge(idempotency_key="after", amount=AMOUNT, card_token="tok_ok")
