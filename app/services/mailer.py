@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import select
 import smtplib
-import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
+
+from app.services.kept import Kept
 
 EMAIL_TYPES = ("order_confirmation", "insufficient_funds", "daily_report", "batch_completed")
 
@@ -206,7 +205,7 @@ def send(message: EmailMessage, *, host: str, port: int, timeout: float = 10.0) 
     """
     where = f"SMTP server {host}:{port}"
     stage = "connecting"
-    session: _Kept | None = None
+    session: _Session | None = None
     delivered = False
     try:
         session = _sessions.take(host, port, timeout)
@@ -231,50 +230,40 @@ def send(message: EmailMessage, *, host: str, port: int, timeout: float = 10.0) 
 
 
 @dataclass
-class _Kept:
+class _Session:
+    """A kept SMTP session and the messages delivered in it."""
+
     client: smtplib.SMTP
-    pid: int  # the process that opened it
-    messages: int = 0  # delivered in this session
-    since: float = 0.0  # when it was last kept (monotonic)
+    messages: int = 0
 
 
-class _Sessions(threading.local):
+class _Sessions:
     """Each thread's open SMTP session, one per server, for its next message.
 
     A new session costs a TCP handshake and three round trips (greeting, EHLO, and QUIT at
     the end) on top of the message's own. A kept session the server has closed since (idle
     timeout, restart) is found before it is used (`_closing`), so that case opens a new
-    session instead of failing the message. Per thread, because an smtplib.SMTP is not safe to
-    share; closed after any failure (its state unknown), after SESSION_IDLE_SECONDS unused, and
-    after SESSION_MAX_MESSAGES messages (servers limit them).
+    session instead of failing the message. Closed after any failure (its state unknown),
+    after SESSION_IDLE_SECONDS unused, and after SESSION_MAX_MESSAGES messages (servers limit
+    them).
     """
 
     def __init__(self) -> None:
-        self.open: dict[tuple[str, int, float], _Kept] = {}
+        self.kept: Kept[_Session] = Kept(SESSION_IDLE_SECONDS, lambda s: s.client.close())
 
-    def take(self, host: str, port: int, timeout: float) -> _Kept:
-        kept = self.open.pop((host, port, timeout), None)
-        if kept is not None:
-            # A forked child's copy of its parent's session is the parent's to use.
-            if (
-                kept.pid == os.getpid()
-                and time.monotonic() - kept.since < SESSION_IDLE_SECONDS
-                and not _closing(kept.client)
-            ):
-                return kept
-            kept.client.close()
-        return _Kept(smtplib.SMTP(host, port, timeout=timeout), os.getpid())
+    def take(self, host: str, port: int, timeout: float) -> _Session:
+        kept = self.kept.take((host, port, timeout), lambda s: not _closing(s.client))
+        return kept or _Session(smtplib.SMTP(host, port, timeout=timeout))
 
-    def keep(self, host: str, port: int, timeout: float, kept: _Kept) -> None:
-        kept.messages += 1
-        if kept.messages >= SESSION_MAX_MESSAGES:
-            try:
-                kept.client.quit()
-            except (smtplib.SMTPException, OSError):
-                kept.client.close()
+    def keep(self, host: str, port: int, timeout: float, session: _Session) -> None:
+        session.messages += 1
+        if session.messages < SESSION_MAX_MESSAGES:
+            self.kept.keep((host, port, timeout), session)
             return
-        kept.since = time.monotonic()
-        self.open[(host, port, timeout)] = kept
+        try:
+            session.client.quit()
+        except (smtplib.SMTPException, OSError):
+            session.client.close()
 
 
 _sessions = _Sessions()

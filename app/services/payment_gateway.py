@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import threading
-import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit
+
+from app.services.kept import Kept
 
 #: The longest piece of a gateway's error text copied into an exception message.
 _MAX_DETAIL = 200
@@ -128,7 +127,7 @@ class PaymentGatewayClient:
         """Send one POST and read the whole reply; map transport failures to GatewayError.
 
         The connection is kept for this thread's next charge to the same gateway (HTTP
-        keep-alive, see `_Connections`). A kept connection the gateway has closed since fails
+        keep-alive, see `_connections`). A kept connection the gateway has closed since fails
         before any reply; the request then goes once more on a new connection, which is safe
         because the gateway charges once per idempotency key.
         """
@@ -138,27 +137,28 @@ class PaymentGatewayClient:
             "Accept": "application/json",
             "Idempotency-Key": idempotency_key,
         }
-        connection, kept = _connections.take(key)
+        kept = _connections.take(key)
+        connection = kept or _new_connection(key)
+        done = False
         try:
             try:
                 connection.request("POST", self._path, body=body, headers=headers)
                 response = connection.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if not kept:
+                if kept is None:
                     raise
                 connection.close()
-                connection, kept = _connections.new(key), False
+                connection = _new_connection(key)
                 connection.request("POST", self._path, body=body, headers=headers)
                 response = connection.getresponse()
             reply = response.status, response.read()
+            done = not response.will_close
         except ConnectionRefusedError as exc:
             # Refused means nothing was received, so nothing can have been charged.
-            connection.close()
             raise GatewayUnavailable(
                 f"payment gateway at {self.base_url} refused the connection; {what} not made"
             ) from exc
         except TimeoutError as exc:
-            connection.close()
             raise GatewayTimeout(
                 f"payment gateway at {self.base_url} did not answer within {self.timeout:g}s; "
                 f"{what} has an unknown outcome, retry with the same key"
@@ -166,7 +166,6 @@ class PaymentGatewayClient:
         except (ConnectionError, http.client.HTTPException) as exc:
             # Reset, broken pipe, RemoteDisconnected (closed before a status line), a truncated
             # body: the request may have been processed, so the outcome is unknown.
-            connection.close()
             raise GatewayTimeout(
                 f"connection to the payment gateway at {self.base_url} dropped before a full "
                 f"answer ({type(exc).__name__}); {what} has an unknown outcome, "
@@ -174,62 +173,30 @@ class PaymentGatewayClient:
             ) from exc
         except OSError as exc:
             # Name resolution failed, no route to host...: the request never left.
-            connection.close()
             raise GatewayUnavailable(
                 f"payment gateway at {self.base_url} unreachable ({exc}); {what} not made"
             ) from exc
-        except BaseException:
-            connection.close()
-            raise
-        if response.will_close:
-            connection.close()
-        else:
-            _connections.keep(key, connection)
+        finally:
+            # Kept only after a whole reply on a connection the gateway keeps open.
+            if done:
+                _connections.keep(key, connection)
+            else:
+                connection.close()
         return reply
 
 
 _ConnectionKey = tuple[bool, str | None, int | None, float]
 
-
-@dataclass
-class _Kept:
-    connection: http.client.HTTPConnection
-    pid: int  # the process that opened it
-    since: float  # when it was kept (monotonic)
+#: Each thread's open connection to each gateway (HTTP keep-alive): a new one costs a TCP
+#: handshake (and a TLS one over https) per charge. Not used again after 15 s unused (servers
+#: close idle connections after a while).
+_connections: Kept[http.client.HTTPConnection] = Kept(15.0, lambda c: c.close())
 
 
-class _Connections(threading.local):
-    """Each thread's open connection to each gateway, kept between charges (HTTP keep-alive):
-    a new one costs a TCP handshake (and a TLS one over https) per charge. Per thread, because
-    an HTTPConnection is not safe to share; closed after any failure, and not used again after
-    IDLE_SECONDS unused (servers close idle connections after a while)."""
-
-    IDLE_SECONDS = 15.0
-
-    def __init__(self) -> None:
-        self.open: dict[_ConnectionKey, _Kept] = {}
-
-    def take(self, key: _ConnectionKey) -> tuple[http.client.HTTPConnection, bool]:
-        """A kept connection (True) or a new one (False)."""
-        kept = self.open.pop(key, None)
-        if kept is not None:
-            # A forked child's copy of its parent's connection is the parent's to use.
-            if kept.pid == os.getpid() and time.monotonic() - kept.since < self.IDLE_SECONDS:
-                return kept.connection, True
-            kept.connection.close()
-        return self.new(key), False
-
-    @staticmethod
-    def new(key: _ConnectionKey) -> http.client.HTTPConnection:
-        https, host, port, timeout = key
-        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        return connection_class(host or "", port, timeout=timeout)
-
-    def keep(self, key: _ConnectionKey, connection: http.client.HTTPConnection) -> None:
-        self.open[key] = _Kept(connection, os.getpid(), time.monotonic())
-
-
-_connections = _Connections()
+def _new_connection(key: _ConnectionKey) -> http.client.HTTPConnection:
+    https, host, port, timeout = key
+    connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    return connection_class(host or "", port, timeout=timeout)
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:
