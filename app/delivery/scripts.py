@@ -115,6 +115,28 @@ redis.call('SREM', ARGV[4] .. held[1], ARGV[1])
 return 1
 """
 
+#: Acknowledges recorded deliveries, several in one call (SETTLE's "ack", per tag).
+#: KEYS: unacked, unacked index, inflight. ARGV: held-set prefix, then the tags.
+#: Returns the tags whose records were gone (another worker recovered them meanwhile).
+ACK = """
+local gone = {}
+for i = 2, #ARGV do
+  local tag = ARGV[i]
+  local info = redis.call('HGET', KEYS[3], tag)
+  if info then
+    local held = cjson.decode(info)
+    redis.call('DEL', held[3])
+    redis.call('HDEL', KEYS[3], tag)
+    redis.call('SREM', ARGV[1] .. held[1], tag)
+  else
+    gone[#gone + 1] = tag
+  end
+  redis.call('HDEL', KEYS[1], tag)
+  redis.call('ZREM', KEYS[2], tag)
+end
+return gone
+"""
+
 #: Takes a recorded delivery out of circulation, to the rejected list.
 #: KEYS: unacked, unacked index, inflight, rejected. ARGV: tag, JSON header, held-set prefix.
 #: Returns 0 when the records were gone.

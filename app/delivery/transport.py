@@ -16,6 +16,13 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   (`app.delivery.heartbeat`). kombu's visibility-timeout restore skips every record a worker of
   this transport owns, so a live worker's message is never taken from it however long its job
   runs or its ETA waits; it stays the recovery of records written by stock kombu clients.
+- **Acknowledgements together.** The acknowledgements Celery's worker makes on its event loop
+  in one turn are settled in one script (`scripts.ACK`), before the loop's next fetch or on
+  its next turn, instead of one round trip each that the loop waits on. One that Redis refuses
+  stays for the next flush; what is still unsettled when the channel closes (Redis gone) is
+  handed out again by the heartbeat recovery, as after a crash just before the
+  acknowledgement. Acknowledgements off the event loop (a plain kombu consumer) are settled
+  at once.
 - **A tag per delivery.** Every delivery gets a delivery tag of its own (`<worker>.<n>`),
   whatever tag the producer wrote: a producer that gives every message the same tag
   (celery-ts) cannot make deliveries overwrite each other's records.
@@ -75,11 +82,13 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from typing import Any
 
 import redis
+from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -127,6 +136,12 @@ _WORKER_PID = -1
 _TAGS = itertools.count(1)
 
 
+def _bulk(arg: Any) -> bytes:
+    """One argument of a command, as RESP's bulk string."""
+    data = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 class QoS(kombu_redis.QoS):
     """kombu's acknowledgement emulation; deliveries the fetch script recorded end in a script."""
 
@@ -150,9 +165,10 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         if delivery_tag in self._owned:
-            # (forgotten only once settled: a failed call leaves it to a later one)
-            self.channel._settle(delivery_tag, "ack")
-            self._owned.discard(delivery_tag)
+            channel: Channel = self.channel
+            if not channel.ack_later(delivery_tag):
+                # (forgotten only once settled: a failed call leaves it to a later one)
+                channel.settle_acks([delivery_tag])
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
@@ -254,6 +270,8 @@ class Channel(kombu_redis.Channel):
         self._refused_until = 0.0
         self._fetch_sha: str | None = None
         self._delivery_tag = ""  # the tag the pending fetch records its message under
+        self._fetch_packed: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        self._acks: list[str] = []  # acknowledged, not yet settled (see ack_later)
         self._scripts: dict[str, Any] = {}
         self._heartbeat: heartbeat.Heartbeat | None = None
         self._noack_queues: set[str] = set()  # popped, never recorded: nothing will ack them
@@ -292,6 +310,58 @@ class Channel(kombu_redis.Channel):
         if script is None:
             script = self._scripts[source] = self.plain_client.register_script(source)
         return script
+
+    def ack_later(self, tag: str) -> bool:
+        """Leave the acknowledgement of `tag` to the next flush, if called on the thread of the
+        event loop (where Celery's worker acknowledges): the acknowledgements of one turn of the
+        loop are settled in one script, before the next fetch is sent or on the loop's next
+        turn. Anywhere else (no event loop, another thread), False: settle it now."""
+        hub = get_event_loop()
+        if hub is None or getattr(hub, "_loop_thread", None) != threading.get_ident():
+            return False
+        self._acks.append(tag)
+        if len(self._acks) == 1:
+            hub.call_soon(self.flush_acks)
+        return True
+
+    def flush_acks(self) -> None:
+        """Settle the acknowledgements left for later. If Redis cannot be reached, they stay
+        for the next flush; the channel's close tries once more, and what it cannot settle is
+        handed out again by the heartbeat recovery (a job acknowledged is then run twice, as
+        after a crash just before its acknowledgement)."""
+        tags, self._acks = self._acks, []
+        if not tags or self.closed:
+            return
+        try:
+            self.settle_acks(tags)
+        except Exception:
+            self._acks[:0] = tags
+            logger.warning(
+                "could not acknowledge %d deliveries; trying again", len(tags), exc_info=True
+            )
+
+    def settle_acks(self, tags: list[str]) -> None:
+        """Acknowledge these recorded deliveries in one script."""
+        keys = self.keys
+        gone = self._script(scripts.ACK)(
+            keys=[
+                self._prefixed(self.unacked_key),
+                self._prefixed(self.unacked_index_key),
+                keys.inflight,
+            ],
+            args=[keys.held(""), *tags],
+        )
+        owned, held = self.qos._owned, self._flow_held
+        for tag in tags:
+            owned.discard(tag)
+            if tag in held:
+                flow.release(self, tag)
+        for tag in gone or ():
+            logger.warning(
+                "delivery %s was acknowledged after it had been taken back from this worker "
+                "(its heartbeat had lapsed); the job may have run twice",
+                bytes_to_str(tag),
+            )
 
     def _settle(self, tag: str, how: str, death: bool = False) -> None:
         keys = self.keys
@@ -466,6 +536,8 @@ class Channel(kombu_redis.Channel):
         ]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        if self._acks:
+            self.flush_acks()
         if time.monotonic() < self._refused_until:
             return  # nothing is sent; the event loop asks again on a later tick
         order = self._fetch_order()
@@ -487,13 +559,23 @@ class Channel(kombu_redis.Channel):
         self._pending = "fetch"
         if self._fetch_sha is None:
             self._fetch_sha = self.plain_client.script_load(scripts.FETCH)
+        noack = self._noack_queues
+        shape = (self._fetch_sha, *order, *(queue in noack for _, queue in order))
+        packed = self._fetch_packed.get(shape)
+        if packed is None:
+            packed = self._fetch_packed[shape] = self._pack_fetch(order)
+        self._delivery_tag = tag = f"{self.worker}.{next(_TAGS)}"
+        # The command is the same from one fetch to the next but for the time and the tag:
+        # the rest is packed once per order of queues (packing it took a tenth of the loop).
+        connection.send_packed_command(
+            [b"".join((packed[0], _bulk(repr(time.time())), _bulk(tag), packed[1]))]
+        )
+
+    def _pack_fetch(self, order: list[tuple[str, str]]) -> tuple[bytes, bytes]:
+        """The fetch's EVALSHA for this order, packed (RESP) before and after the time and tag."""
         keys = self.keys
         noack = self._noack_queues
-        queue_args: list[str] = []
-        for _, queue in order:
-            queue_args += [queue, "0" if queue in noack else "1"]
-        self._delivery_tag = f"{self.worker}.{next(_TAGS)}"
-        connection.send_command(
+        head = [
             "EVALSHA",
             self._fetch_sha,
             7 + len(order),
@@ -505,13 +587,14 @@ class Channel(kombu_redis.Channel):
             keys.rejected,
             keys.paused,
             *(self._prefixed(key) for key, _ in order),
-            repr(time.time()),
-            self._delivery_tag,
-            self.worker,
-            self.poison_after,
-            keys.deliveries,
-            heartbeat.DEATHS_TTL,
-            *queue_args,
+        ]
+        tail: list[Any] = [self.worker, self.poison_after, keys.deliveries, heartbeat.DEATHS_TTL]
+        for _, queue in order:
+            tail += [queue, "0" if queue in noack else "1"]
+        count = len(head) + 2 + len(tail)
+        return (
+            b"*%d\r\n" % count + b"".join(_bulk(arg) for arg in head),
+            b"".join(_bulk(arg) for arg in tail),
         )
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -635,6 +718,7 @@ class Channel(kombu_redis.Channel):
         return name in current_app.tasks
 
     def close(self) -> None:
+        self.flush_acks()
         agent, self._heartbeat = self._heartbeat, None
         if self._in_poll and not self.closed:
             # kombu's close reads the pending fetch's reply first and lets a connection error

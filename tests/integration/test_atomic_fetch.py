@@ -283,3 +283,79 @@ def test_a_worker_facing_a_full_redis_stays_up_and_resumes_when_there_is_room(
             assert worker.poll() is None
     finally:
         server.stop()
+
+
+def _take_three(url: str, connection: Connection) -> list[Any]:
+    """Three recorded deliveries, their messages not yet acknowledged."""
+    with connect(url, broker.Transport) as producer:
+        for n in range(3):
+            publish(producer, "default", {"n": n})
+    taken: list[Any] = []
+    consumer = Consumer(connection, QUEUES, callbacks=[lambda _, message: taken.append(message)])
+    consumer.consume()
+    deadline = time.monotonic() + 10
+    while len(taken) < 3 and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=1)
+    assert len(taken) == 3
+    assert counts(url) == {"queued": 0, "unacked": 3, "indexed": 3}
+    return taken
+
+
+def test_acknowledgements_on_the_event_loop_are_settled_together_on_its_next_turn(
+    url: str,
+) -> None:
+    from kombu.asynchronous import Hub, set_event_loop
+
+    with connect(url, broker.Transport) as connection:
+        taken = _take_three(url, connection)
+        hub = Hub()
+        set_event_loop(hub)
+        try:
+            # As Celery's worker acknowledges: a callback the loop runs on its own thread.
+            channel: Any = connection.default_channel
+            settled: list[list[str]] = []
+            settle = channel.settle_acks
+
+            def settle_and_note(tags: list[str]) -> None:
+                settled.append(list(tags))
+                settle(tags)
+
+            channel.settle_acks = settle_and_note
+            hub.call_soon(lambda: [message.ack() for message in taken])
+            next(hub.loop)  # runs the acknowledgements: left for the flush
+            assert counts(url)["unacked"] == 3
+            next(hub.loop)  # the next turn settles all three
+            assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+            assert settled == [[message.delivery_tag for message in taken]]  # one script call
+            client = redis.Redis.from_url(redis_client_url(url) or "")
+            assert client.hlen("jobs_service:inflight") == 0
+        finally:
+            set_event_loop(None)
+            hub.close()
+
+
+def test_acknowledgements_left_for_the_flush_are_settled_when_the_channel_closes(
+    url: str,
+) -> None:
+    from kombu.asynchronous import Hub, set_event_loop
+
+    with connect(url, broker.Transport) as connection:
+        taken = _take_three(url, connection)
+        hub = Hub()
+        set_event_loop(hub)
+        try:
+            hub.call_soon(lambda: [message.ack() for message in taken])
+            next(hub.loop)
+            assert counts(url)["unacked"] == 3
+        finally:
+            set_event_loop(None)
+    # Closed before the loop's next turn: the close settles them, nothing is put back.
+    assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+
+
+def test_an_acknowledgement_off_the_event_loop_is_settled_at_once(url: str) -> None:
+    with connect(url, broker.Transport) as connection:
+        taken = _take_three(url, connection)
+        taken[0].ack()
+        assert counts(url) == {"queued": 0, "unacked": 2, "indexed": 2}
