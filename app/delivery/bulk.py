@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from json.encoder import encode_basestring_ascii
@@ -438,7 +439,7 @@ class Template:
     bulk path's time). Made from a message built in full, and only when filling it in again
     for that same call gives back exactly the bytes kombu encoded."""
 
-    __slots__ = ("encode", "key", "text", "timestamps")
+    __slots__ = ("encode", "key", "parts", "slots", "timestamps")
 
     #: A slot's marker in the template's JSON.
     MARK = "\x00jobs-template-slot-{}\x00"
@@ -446,12 +447,25 @@ class Template:
     BODY_END = ', {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
 
     def __init__(
-        self, key: Any, text: str, timestamps: tuple[str, ...], encode: Callable[[Any], str]
+        self,
+        key: Any,
+        parts: list[str],
+        slots: tuple[tuple[int, str], ...],
+        timestamps: tuple[str, ...],
+        encode: Callable[[Any], str],
     ) -> None:
         self.key = key  # the Redis list
-        self.text = text  # the message's JSON, each slot a %(name)s
+        self.parts = parts  # the message's JSON in pieces, a slot's piece empty
+        self.slots = slots  # (index in parts, slot name) of each slot
         self.timestamps = timestamps  # the job layer's timestamp headers the shape has
         self.encode = encode  # kombu's JSON encoder
+
+    def fill(self, values: dict[str, str]) -> str:
+        """The message's JSON with each slot's JSON from `values`."""
+        parts = self.parts[:]
+        for index, slot in self.slots:
+            parts[index] = values[slot]
+        return "".join(parts)
 
     @classmethod
     def make(
@@ -495,14 +509,25 @@ class Template:
             if name not in marked[part]:
                 return None
             marked[part][name] = cls.MARK.format(slot)
-        text = kombu_json.dumps(marked).replace("%", "%%")
-        for slot in {*slots.values(), "body"}:
-            text = text.replace(encode_basestring_ascii(cls.MARK.format(slot)), f"%({slot})s")
-        template = cls(key, text, timestamps, kombu_json.JSONEncoder().encode)
+        text = kombu_json.dumps(marked)
+        markers = {
+            encode_basestring_ascii(cls.MARK.format(slot)): slot
+            for slot in {*slots.values(), "body"}
+        }
+        parts: list[str] = []
+        at: list[tuple[int, str]] = []
+        last = 0
+        for found in re.finditer("|".join(map(re.escape, markers)), text):
+            parts.append(text[last : found.start()])
+            at.append((len(parts), markers[found.group()]))
+            parts.append("")
+            last = found.end()
+        parts.append(text[last:])
+        template = cls(key, parts, tuple(at), timestamps, kombu_json.JSONEncoder().encode)
         values = template.values(item, properties["delivery_tag"], headers)
         if values is None or encode_basestring_ascii(message["body"]) != values["body"]:
             return None  # another serializer or body encoding than kombu's JSON and base64
-        if text % values != encoded:
+        if template.fill(values) != encoded:
             return None  # something of this message is not where a template expects it
         return template
 
@@ -544,7 +569,7 @@ class Template:
         if not item.options.get("ignore_result", job.ignore_result):
             with bulk.producer.connection._reraise_as_library_errors():
                 bulk.backend.on_task_call(bulk.producer, item.task_id)
-        commands.add("lpush", self.key, self.text % values)
+        commands.add("lpush", self.key, self.fill(values))
         return True
 
 

@@ -17,13 +17,14 @@ and `send_task` by name all work. The job layer adds, on Celery's own extension 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, TypeVar, overload
@@ -786,6 +787,28 @@ def perform_all_later(signatures: Iterable[Signature]) -> Enqueued:
     ids (`.ids`; each item is the job's AsyncResult, made on access) and the jobs' return
     values are not kept (no result-backend round trips per job).
     """
+    with _collector_paused():
+        return _perform_all_later(signatures)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a bulk call runs (as json and pickle
+    loaders do): the call keeps every job it makes until it has published them all, and the
+    collector's passes over those live objects, none of them garbage, took a tenth of the
+    call's time. Garbage made meanwhile (by the caller's generator, say) is collected once it
+    returns. Left alone if the collector is off already (another thread's bulk call)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _perform_all_later(signatures: Iterable[Signature]) -> Enqueued:
     prepared = []
     for signature in signatures:
         job = celery_app.tasks.get(signature.task)

@@ -6,6 +6,7 @@ needed; tests/integration/test_job_layer_worker.py shows the same policies on a 
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import socket
@@ -236,6 +237,31 @@ def test_metrics_time_the_job_and_count_each_outcome(
 def test_around_perform_hooks_wrap_the_body() -> None:
     jobs.hooked.perform_now()
     assert jobs.HOOK_LOG == ["before jobs.test_hooked attempt 1", "body", "after jobs.test_hooked"]
+
+
+def test_perform_all_later_pauses_the_garbage_collector_only_while_it_runs(
+    enqueued_jobs: EnqueuedJobs,
+) -> None:
+    seen: list[bool] = []
+
+    def signatures() -> Iterator[Signature]:
+        for i in range(1, 3):
+            seen.append(gc.isenabled())
+            yield jobs.scripted.s(i)
+
+    assert gc.isenabled()
+    perform_all_later(signatures())
+    assert seen == [False, False] and gc.isenabled()
+    with pytest.raises(DeserializationError):
+        perform_all_later([jobs.scripted.s("bad")])
+    assert gc.isenabled()  # back on after a call that raised
+    gc.disable()  # a caller that runs with the collector off keeps it off
+    try:
+        perform_all_later([jobs.scripted.s(3)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert len(enqueued_jobs) == 3
 
 
 def test_perform_all_later_checks_every_call_before_enqueueing_any(
