@@ -26,53 +26,79 @@ producer sent (the `unacked` record is `[` + message + a suffix of known length)
 from __future__ import annotations
 
 #: KEYS: unacked, unacked index, inflight, held set, workers, rejected, paused, queue lists...
-#: ARGV: index time (the client's clock, as kombu's records), delivery tag, worker id, poison
+#: ARGV: index time (the client's clock, as kombu's records), the first delivery tag's number,
+#: the most messages to hand out, the delivery tags' prefix (`<worker>.`), worker id, poison
 #: limit (deaths of its holder after which a message is not handed out again), death counter
 #: prefix, counter TTL,
 #: then per queue list: the queue name it is delivered as, "1" if its consumer acknowledges.
-#: Returns false when every unpaused queue is empty, else {position of the list, message, what
-#: happened}: 1 recorded, 0 handed out unrecorded (a no_ack consumer), 2 rejected (not a JSON
-#: object), 3 rejected (poison). The message is popped last: Redis keeps a script's earlier
-#: writes when a later command fails (a full `noeviction` server refuses ZADD and HSET, never
-#: RPOP), so a failed record leaves the message in its queue.
+#: Takes up to that many messages from the first non-empty unpaused queue (each tag the prefix
+#: and the next number). Returns false when every unpaused queue is empty, else the position
+#: of the list and then, per message, {message, what happened, delivery tag}: 1 recorded, 0
+#: handed out unrecorded (a no_ack consumer), 2 rejected (not a JSON object), 3 rejected
+#: (poison). Each message is popped last: Redis keeps a script's earlier writes when a later
+#: command fails (a full `noeviction` server refuses ZADD and HSET, never RPOP), so a failed
+#: record leaves the message in its queue. A refusal on the first message fails the script
+#: (nothing taken); on a later one it ends the batch with what was taken, all of it recorded.
 FETCH = """
 local queues = #KEYS - 7
+local most = tonumber(ARGV[3])
 for i = 1, queues do
   local key = KEYS[7 + i]
-  local queue = ARGV[5 + 2 * i]
-  if redis.call('SISMEMBER', KEYS[7], queue) == 0 then
-    local item = redis.call('LINDEX', key, -1)
-    if item then
-      if ARGV[6 + 2 * i] ~= '1' then
-        redis.call('RPOP', key)
-        return {i, item, 0}
+  local queue = ARGV[7 + 2 * i]
+  if redis.call('SISMEMBER', KEYS[7], queue) == 0 and redis.call('LLEN', key) > 0 then
+    local taken = {i}
+    local number = tonumber(ARGV[2])
+    local beat = false
+    for n = 1, most do
+      local item = redis.call('LINDEX', key, -1)
+      if not item then
+        break
       end
-      local ok, message = pcall(cjson.decode, item)
-      if not (ok and type(message) == 'table') then
-        redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = ARGV[2],
-          reason = 'not a JSON object'}) .. '\\n' .. item)
+      local tag = ARGV[4] .. (number + n - 1)
+      if ARGV[8 + 2 * i] ~= '1' then
         redis.call('RPOP', key)
-        return {i, item, 2}
+        taken[#taken + 1] = {item, 0, tag}
+      else
+        local ok, message = pcall(cjson.decode, item)
+        if not (ok and type(message) == 'table') then
+          redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = tag,
+            reason = 'not a JSON object'}) .. '\\n' .. item)
+          redis.call('RPOP', key)
+          taken[#taken + 1] = {item, 2, tag}
+        else
+          local counter = ARGV[7] .. redis.sha1hex(item)
+          local deaths = tonumber(redis.call('GET', counter) or '0')
+          if deaths >= tonumber(ARGV[6]) then
+            redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = tag,
+              reason = 'poison', deaths = deaths}) .. '\\n' .. item)
+            redis.call('DEL', counter)
+            redis.call('RPOP', key)
+            taken[#taken + 1] = {item, 3, tag}
+          else
+            if n == 1 then
+              redis.call('ZADD', KEYS[2], ARGV[1], tag)
+            else
+              local added = redis.pcall('ZADD', KEYS[2], ARGV[1], tag)
+              if type(added) == 'table' and added['err'] then
+                break
+              end
+            end
+            local suffix = ',"",' .. cjson.encode(queue) .. ']'
+            redis.call('HSET', KEYS[1], tag, '[' .. item .. suffix)
+            redis.call('HSET', KEYS[3], tag, cjson.encode({ARGV[5], key, counter, #suffix}))
+            redis.call('SADD', KEYS[4], tag)
+            if not beat then
+              local now = redis.call('TIME')
+              redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[5])
+              beat = true
+            end
+            redis.call('RPOP', key)
+            taken[#taken + 1] = {item, 1, tag}
+          end
+        end
       end
-      local counter = ARGV[5] .. redis.sha1hex(item)
-      local deaths = tonumber(redis.call('GET', counter) or '0')
-      if deaths >= tonumber(ARGV[4]) then
-        redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = ARGV[2],
-          reason = 'poison', deaths = deaths}) .. '\\n' .. item)
-        redis.call('DEL', counter)
-        redis.call('RPOP', key)
-        return {i, item, 3}
-      end
-      local suffix = ',"",' .. cjson.encode(queue) .. ']'
-      redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-      redis.call('HSET', KEYS[1], ARGV[2], '[' .. item .. suffix)
-      redis.call('HSET', KEYS[3], ARGV[2], cjson.encode({ARGV[3], key, counter, #suffix}))
-      redis.call('SADD', KEYS[4], ARGV[2])
-      local now = redis.call('TIME')
-      redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[3])
-      redis.call('RPOP', key)
-      return {i, item, 1}
     end
+    return taken
   end
 end
 return false

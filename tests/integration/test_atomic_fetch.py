@@ -359,3 +359,74 @@ def test_an_acknowledgement_off_the_event_loop_is_settled_at_once(url: str) -> N
         taken = _take_three(url, connection)
         taken[0].ack()
         assert counts(url) == {"queued": 0, "unacked": 2, "indexed": 2}
+
+
+def _fetch_once(connection: Connection, prefetch: int) -> list[Any]:
+    """One fetch, sent and read as the event loop would; the bodies it delivered."""
+    channel: Any = connection.default_channel
+    received: list[Any] = []
+    Consumer(
+        channel,
+        QUEUES,
+        callbacks=[lambda body, message: received.append(body)],
+        prefetch_count=prefetch,
+    ).consume()
+    connection.transport.cycle._register_BRPOP(channel)
+    readable, _, _ = select.select([channel.client.connection._sock], [], [], 5)
+    assert readable, "Redis did not answer the fetch"
+    with contextlib.suppress(virtual.Empty):
+        channel._brpop_read()
+    return received
+
+
+def test_one_fetch_takes_what_the_prefetch_window_has_room_for_each_recorded(url: str) -> None:
+    with connect(url, broker.Transport) as producer:
+        for n in range(8):
+            publish(producer, "default", {"n": n})
+    with connect(url, broker.Transport) as connection:
+        received = _fetch_once(connection, prefetch=5)
+        assert received == [{"n": n} for n in range(5)]  # in queue order, in one round trip
+        assert counts(url) == {"queued": 3, "unacked": 5, "indexed": 5}
+        client = redis.Redis.from_url(redis_client_url(url) or "")
+        channel: Any = connection.default_channel
+        tags = {t.decode() for t in client.smembers(f"jobs_service:held:{channel.worker}")}
+        assert len(tags) == 5 and tags == {t.decode() for t in client.hkeys("unacked")}
+        assert client.hlen("jobs_service:inflight") == 5
+
+
+def test_a_bad_message_inside_a_fetched_batch_is_rejected_and_the_rest_delivered(
+    url: str,
+) -> None:
+    with connect(url, broker.Transport) as producer:
+        publish(producer, "default", {"n": 0})
+    client = redis.Redis.from_url(redis_client_url(url) or "")
+    client.lpush("default", b"\xff not json")
+    with connect(url, broker.Transport) as producer:
+        publish(producer, "default", {"n": 2})
+    with connect(url, broker.Transport) as connection:
+        received = _fetch_once(connection, prefetch=3)
+        assert received == [{"n": 0}, {"n": 2}]
+        assert counts(url) == {"queued": 0, "unacked": 2, "indexed": 2}
+        assert client.llen("jobs_service:rejected") == 1
+
+
+def test_a_worker_killed_mid_fetch_of_a_batch_loses_none_of_it(url: str) -> None:
+    with connect(url, broker.Transport) as producer:
+        for n in range(4):
+            publish(producer, "default", {"n": n})
+    with connect(url, broker.Transport) as connection:
+        channel: Any = connection.default_channel
+        Consumer(channel, QUEUES, callbacks=[], prefetch_count=4).consume()
+        connection.transport.cycle._register_BRPOP(channel)
+        readable, _, _ = select.select([channel.client.connection._sock], [], [], 5)
+        assert readable
+        channel.client.connection.disconnect()  # the reply is never read
+    assert counts(url) == {"queued": 0, "unacked": 4, "indexed": 4}
+    with connect(url, broker.Transport) as connection:
+        received: list[Any] = []
+        with Consumer(connection, QUEUES, callbacks=[lambda body, message: received.append(body)]):
+            deadline = time.monotonic() + 20
+            while len(received) < 4 and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=1)
+        assert sorted(body["n"] for body in received) == [0, 1, 2, 3]
