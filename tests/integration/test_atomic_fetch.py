@@ -387,10 +387,10 @@ def test_one_fetch_takes_what_the_prefetch_window_has_room_for_each_recorded(url
         received = _fetch_once(connection, prefetch=5)
         assert received == [{"n": n} for n in range(5)]  # in queue order, in one round trip
         assert counts(url) == {"queued": 3, "unacked": 5, "indexed": 5}
-        client = redis.Redis.from_url(redis_client_url(url) or "")
+        client = redis.Redis.from_url(redis_client_url(url) or "", decode_responses=True)
         channel: Any = connection.default_channel
-        tags = {t.decode() for t in client.smembers(f"jobs_service:held:{channel.worker}")}
-        assert len(tags) == 5 and tags == {t.decode() for t in client.hkeys("unacked")}
+        tags = set(client.smembers(f"jobs_service:held:{channel.worker}"))
+        assert len(tags) == 5 and tags == set(client.hkeys("unacked"))
         assert client.hlen("jobs_service:inflight") == 5
 
 
