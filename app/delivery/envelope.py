@@ -52,29 +52,33 @@ class Malformed(ValueError):
     """The message cannot become a request; the text says why."""
 
 
-def envelope_problem(payload: Any) -> str | None:
-    """Why kombu could not make a message of `payload` (a decoded envelope), or None."""
+def envelope_problem(payload: Any, raw: bytes | str | None = None) -> str | None:
+    """Why kombu could not make a message of `payload` (a decoded envelope, from `raw` if
+    given), or None."""
     try:
-        _check_envelope(payload)
+        _check_envelope(payload, raw)
     except Malformed as exc:
         return str(exc)
     return None
 
 
-def task_problem(payload: Any, known: Callable[[str], bool]) -> str | None:
-    """Why Celery's worker could not make a request of the envelope `payload`, or None."""
+def task_problem(
+    payload: Any, known: Callable[[str], bool], raw: bytes | str | None = None
+) -> str | None:
+    """Why Celery's worker could not make a request of the envelope `payload` (from `raw` if
+    given), or None. Checks the envelope too, as `envelope_problem`."""
     try:
-        _check_envelope(payload)
+        _check_envelope(payload, raw)
         _check_task(payload, known)
     except Malformed as exc:
         return str(exc)
     return None
 
 
-def _check_envelope(payload: Any) -> None:
+def _check_envelope(payload: Any, raw: bytes | str | None = None) -> None:
     if not isinstance(payload, dict):
         raise Malformed(f"the envelope is a JSON {_kind(payload)}, not an object")
-    _check_depth(payload, "the envelope")
+    _check_depth(payload, "the envelope", raw)
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         raise Malformed(f"properties is {_kind(properties)}, not an object")
@@ -104,8 +108,8 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
     encoding = payload.get("content-encoding")
     if encoding not in (None, "utf-8", "utf8"):
         raise Malformed(f"content-encoding {_short(encoding)} is not utf-8")
-    body = decoded_body(payload)
-    _check_depth(body, "the body")
+    body, raw = _decode_body(payload)
+    _check_depth(body, "the body", raw)
     headers = payload.get("headers") or {}
     if "task" in headers:  # protocol 2: the task in the headers, the arguments in the body
         fields: Mapping[str, Any] = headers
@@ -166,6 +170,11 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
 
 def decoded_body(payload: Mapping[str, Any]) -> Any:
     """The body of a checked envelope as JSON; Malformed if it is not."""
+    return _decode_body(payload)[0]
+
+
+def _decode_body(payload: Mapping[str, Any]) -> tuple[Any, bytes | str]:
+    """The body as JSON, and the text it was read from."""
     body = payload.get("body")
     if body is None:
         raise Malformed("the message has no body")
@@ -176,12 +185,14 @@ def decoded_body(payload: Mapping[str, Any]) -> Any:
         except (binascii.Error, ValueError, UnicodeEncodeError):
             raise Malformed("the body is not valid base64") from None
     try:
-        return json.loads(raw)
+        return json.loads(raw), raw
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise Malformed("the body is not JSON") from None
 
 
-def _check_depth(value: Any, what: str) -> None:
+def _check_depth(value: Any, what: str, raw: bytes | str | None = None) -> None:
+    if raw is not None and _brackets(raw) <= MAX_DEPTH:
+        return  # each level is a [ or { of the text it was decoded from: no need to walk it
     pending = [(value, 1)]  # (no recursion here: the point is not to run out of stack)
     while pending:
         item, level = pending.pop()
@@ -191,6 +202,12 @@ def _check_depth(value: Any, what: str) -> None:
             if level > MAX_DEPTH:
                 raise Malformed(f"{what} nests deeper than {MAX_DEPTH} levels")
             pending.extend((child, level + 1) for child in item)
+
+
+def _brackets(raw: bytes | str) -> int:
+    if isinstance(raw, bytes):
+        return raw.count(b"[") + raw.count(b"{")
+    return raw.count("[") + raw.count("{")
 
 
 def _check_canvas(embed: Mapping[str, Any]) -> None:

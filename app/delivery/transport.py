@@ -686,9 +686,11 @@ class Channel(kombu_redis.Channel):
         except RecursionError:  # the fetch script's cjson reads 1000 levels; Python gives out first
             payload, problem = None, "the message is nested too deeply to decode"
         try:
-            problem = problem or envelope_problem(payload)
-            if problem is None and self.check_tasks and outcome == _RECORDED:  # not pidbox replies
-                problem = task_problem(payload, self._known_task)
+            if problem is None:
+                if self.check_tasks and outcome == _RECORDED:  # not pidbox replies
+                    problem = task_problem(payload, self._known_task, item)  # (and envelope)
+                else:
+                    problem = envelope_problem(payload, item)
         except Exception as exc:  # a shape no check foresaw: it must not stop the worker either
             logger.exception("checking a message on queue %r raised", queue)
             problem = f"checking it raised {type(exc).__name__}: {exc}"

@@ -139,3 +139,27 @@ def test_kombus_decoder_accepts_what_passes() -> None:
     message = envelope()
     assert task_problem(message, known) is None
     assert Channel.codecs["base64"].decode(message["body"])
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["envelope", "body"])
+def test_nesting_is_measured_the_same_with_the_raw_text_given(where: str) -> None:
+    # Given the text a message was decoded from, the check counts its brackets before walking
+    # it: a text with few brackets cannot nest deep, one with many is walked.
+    for levels, deep in ((100, False), (101, True)):
+        message = envelope()
+        if where == "envelope":
+            message["headers"]["x-deep"] = _nested(levels - 1)  # the envelope is a level
+        else:
+            message = with_body(message, [[_nested(levels - 1)], {}, None])  # body, args
+        raw = json.dumps(message).encode()
+        for problem in (task_problem(message, known, raw), task_problem(message, known)):
+            assert (problem is not None and "deeper than 100 levels" in problem) is deep
+    brackets = json.dumps(envelope()).replace("{", "").replace("[", "")
+    assert envelope_problem(envelope(), brackets.encode()) is None
