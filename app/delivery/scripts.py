@@ -25,84 +25,119 @@ producer sent (the `unacked` record is `[` + message + a suffix of known length)
 
 from __future__ import annotations
 
+#: Acknowledges recorded deliveries (SETTLE's "ack", per tag): the tags in ARGV from `first`
+#: on, `held_set` the held sets' key prefix. KEYS[1..3]: unacked, unacked index, inflight.
+#: Returns the tags whose records were gone (another worker recovered them meanwhile).
+_ACKNOWLEDGE = """
+local function acknowledge(first, held_set)
+  local gone = {}
+  for a = first, #ARGV do
+    local tag = ARGV[a]
+    local info = redis.call('HGET', KEYS[3], tag)
+    if info then
+      local held = cjson.decode(info)
+      redis.call('DEL', held[3])
+      redis.call('HDEL', KEYS[3], tag)
+      redis.call('SREM', held_set .. held[1], tag)
+    else
+      gone[#gone + 1] = tag
+    end
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('ZREM', KEYS[2], tag)
+  end
+  return gone
+end
+"""
+
 #: KEYS: unacked, unacked index, inflight, held set, workers, rejected, paused, queue lists...
 #: ARGV: index time (the client's clock, as kombu's records), the first delivery tag's number,
 #: the most messages to hand out, the delivery tags' prefix (`<worker>.`), worker id, poison
 #: limit (deaths of its holder after which a message is not handed out again), death counter
 #: prefix, counter TTL,
-#: then per queue list: the queue name it is delivered as, "1" if its consumer acknowledges.
+#: then per queue list: the queue name it is delivered as, "1" if its consumer acknowledges;
+#: then the held sets' key prefix and the tags of deliveries to acknowledge (as ACK does, after
+#: the fetch: the worker's acknowledgements ride on its next fetch).
 #: Takes up to that many messages from the first non-empty unpaused queue (each tag the prefix
-#: and the next number). Returns false when every unpaused queue is empty, else the position
-#: of the list and then, per message, {message, what happened, delivery tag}: 1 recorded, 0
-#: handed out unrecorded (a no_ack consumer), 2 rejected (not a JSON object), 3 rejected
-#: (poison). Each message is popped last: Redis keeps a script's earlier writes when a later
-#: command fails (a full `noeviction` server refuses ZADD and HSET, never RPOP), so a failed
-#: record leaves the message in its queue. A refusal on the first message fails the script
-#: (nothing taken); on a later one it ends the batch with what was taken, all of it recorded.
-FETCH = """
+#: and the next number). Returns {the acknowledged tags whose records were gone, the position
+#: of the list (0 when every unpaused queue is empty), then per message {message, what
+#: happened, delivery tag}}: 1 recorded, 0 handed out unrecorded (a no_ack consumer), 2
+#: rejected (not a JSON object), 3 rejected (poison). Each message is popped last: Redis
+#: keeps a script's earlier writes when a later command fails (a full `noeviction` server
+#: refuses ZADD and HSET, never RPOP), so a failed record leaves the message in its queue. A
+#: refusal on the first message fails the script (nothing taken, nothing acknowledged); on a
+#: later one it ends the batch with what was taken, all of it recorded.
+FETCH = (
+    _ACKNOWLEDGE
+    + """
 local queues = #KEYS - 7
 local most = tonumber(ARGV[3])
-for i = 1, queues do
-  local key = KEYS[7 + i]
-  local queue = ARGV[7 + 2 * i]
-  if redis.call('SISMEMBER', KEYS[7], queue) == 0 and redis.call('LLEN', key) > 0 then
-    local taken = {i}
-    local number = tonumber(ARGV[2])
-    local beat = false
-    for n = 1, most do
-      local item = redis.call('LINDEX', key, -1)
-      if not item then
-        break
-      end
-      local tag = ARGV[4] .. (number + n - 1)
-      if ARGV[8 + 2 * i] ~= '1' then
-        redis.call('RPOP', key)
-        taken[#taken + 1] = {item, 0, tag}
-      else
-        local ok, message = pcall(cjson.decode, item)
-        if not (ok and type(message) == 'table') then
-          redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = tag,
-            reason = 'not a JSON object'}) .. '\\n' .. item)
+local function take()
+  for i = 1, queues do
+    local key = KEYS[7 + i]
+    local queue = ARGV[7 + 2 * i]
+    if redis.call('SISMEMBER', KEYS[7], queue) == 0 and redis.call('LLEN', key) > 0 then
+      local taken = {i}
+      local number = tonumber(ARGV[2])
+      local beat = false
+      for n = 1, most do
+        local item = redis.call('LINDEX', key, -1)
+        if not item then
+          break
+        end
+        local tag = ARGV[4] .. (number + n - 1)
+        if ARGV[8 + 2 * i] ~= '1' then
           redis.call('RPOP', key)
-          taken[#taken + 1] = {item, 2, tag}
+          taken[#taken + 1] = {item, 0, tag}
         else
-          local counter = ARGV[7] .. redis.sha1hex(item)
-          local deaths = tonumber(redis.call('GET', counter) or '0')
-          if deaths >= tonumber(ARGV[6]) then
+          local ok, message = pcall(cjson.decode, item)
+          if not (ok and type(message) == 'table') then
             redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = tag,
-              reason = 'poison', deaths = deaths}) .. '\\n' .. item)
-            redis.call('DEL', counter)
+              reason = 'not a JSON object'}) .. '\\n' .. item)
             redis.call('RPOP', key)
-            taken[#taken + 1] = {item, 3, tag}
+            taken[#taken + 1] = {item, 2, tag}
           else
-            if n == 1 then
-              redis.call('ZADD', KEYS[2], ARGV[1], tag)
+            local counter = ARGV[7] .. redis.sha1hex(item)
+            local deaths = tonumber(redis.call('GET', counter) or '0')
+            if deaths >= tonumber(ARGV[6]) then
+              redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = tag,
+                reason = 'poison', deaths = deaths}) .. '\\n' .. item)
+              redis.call('DEL', counter)
+              redis.call('RPOP', key)
+              taken[#taken + 1] = {item, 3, tag}
             else
-              local added = redis.pcall('ZADD', KEYS[2], ARGV[1], tag)
-              if type(added) == 'table' and added['err'] then
-                break
+              if n == 1 then
+                redis.call('ZADD', KEYS[2], ARGV[1], tag)
+              else
+                local added = redis.pcall('ZADD', KEYS[2], ARGV[1], tag)
+                if type(added) == 'table' and added['err'] then
+                  break
+                end
               end
+              local suffix = ',"",' .. cjson.encode(queue) .. ']'
+              redis.call('HSET', KEYS[1], tag, '[' .. item .. suffix)
+              redis.call('HSET', KEYS[3], tag, cjson.encode({ARGV[5], key, counter, #suffix}))
+              redis.call('SADD', KEYS[4], tag)
+              if not beat then
+                local now = redis.call('TIME')
+                redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[5])
+                beat = true
+              end
+              redis.call('RPOP', key)
+              taken[#taken + 1] = {item, 1, tag}
             end
-            local suffix = ',"",' .. cjson.encode(queue) .. ']'
-            redis.call('HSET', KEYS[1], tag, '[' .. item .. suffix)
-            redis.call('HSET', KEYS[3], tag, cjson.encode({ARGV[5], key, counter, #suffix}))
-            redis.call('SADD', KEYS[4], tag)
-            if not beat then
-              local now = redis.call('TIME')
-              redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[5])
-              beat = true
-            end
-            redis.call('RPOP', key)
-            taken[#taken + 1] = {item, 1, tag}
           end
         end
       end
+      return taken
     end
-    return taken
   end
+  return {0}
 end
-return false
+local taken = take()
+table.insert(taken, 1, acknowledge(10 + 2 * queues, ARGV[9 + 2 * queues]))
+return taken
 """
+)
 
 #: Ends a delivery this transport recorded.
 #: KEYS: unacked, unacked index, inflight. ARGV: tag, how ("ack"; "head" or "tail": put the
@@ -141,27 +176,15 @@ redis.call('SREM', ARGV[4] .. held[1], ARGV[1])
 return 1
 """
 
-#: Acknowledges recorded deliveries, several in one call (SETTLE's "ack", per tag).
+#: Acknowledges recorded deliveries, several in one call (see _ACKNOWLEDGE).
 #: KEYS: unacked, unacked index, inflight. ARGV: held-set prefix, then the tags.
 #: Returns the tags whose records were gone (another worker recovered them meanwhile).
-ACK = """
-local gone = {}
-for i = 2, #ARGV do
-  local tag = ARGV[i]
-  local info = redis.call('HGET', KEYS[3], tag)
-  if info then
-    local held = cjson.decode(info)
-    redis.call('DEL', held[3])
-    redis.call('HDEL', KEYS[3], tag)
-    redis.call('SREM', ARGV[1] .. held[1], tag)
-  else
-    gone[#gone + 1] = tag
-  end
-  redis.call('HDEL', KEYS[1], tag)
-  redis.call('ZREM', KEYS[2], tag)
-end
-return gone
+ACK = (
+    _ACKNOWLEDGE
+    + """
+return acknowledge(2, ARGV[1])
 """
+)
 
 #: Takes a recorded delivery out of circulation, to the rejected list.
 #: KEYS: unacked, unacked index, inflight, rejected. ARGV: tag, JSON header, held-set prefix.

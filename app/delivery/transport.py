@@ -20,12 +20,13 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   this transport owns, so a live worker's message is never taken from it however long its job
   runs or its ETA waits; it stays the recovery of records written by stock kombu clients.
 - **Acknowledgements together.** The acknowledgements Celery's worker makes on its event loop
-  in one turn are settled in one script (`scripts.ACK`), before the loop's next fetch or on
-  its next turn, instead of one round trip each that the loop waits on. One that Redis refuses
-  stays for the next flush; what is still unsettled when the channel closes (Redis gone) is
-  handed out again by the heartbeat recovery, as after a crash just before the
-  acknowledgement. Acknowledgements off the event loop (a plain kombu consumer) are settled
-  at once.
+  in one turn ride on the channel's next fetch: the fetch script settles them after taking
+  its messages, so a worker under load spends no round trip of its own on them. Before it
+  waits on empty queues, and on the loop's next turn when it is not fetching, the channel
+  settles them in one script (`scripts.ACK`). Those whose fetch's reply is lost or refused go
+  again; what is still unsettled when the channel closes (Redis gone) is handed out again by
+  the heartbeat recovery, as after a crash just before the acknowledgement. Acknowledgements
+  off the event loop (a plain kombu consumer) are settled at once.
 - **A tag per delivery.** Every delivery gets a delivery tag of its own (`<worker>.<n>`),
   whatever tag the producer wrote: a producer that gives every message the same tag
   (celery-ts) cannot make deliveries overwrite each other's records.
@@ -276,8 +277,9 @@ class Channel(kombu_redis.Channel):
         self._refused_until = 0.0
         self._fetch_sha: str | None = None
         self._next_tag = 1  # the number in this channel's next delivery tag
-        self._fetch_packed: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        self._fetch_packed: dict[tuple[Any, ...], tuple[int, bytes, bytes]] = {}
         self._acks: list[str] = []  # acknowledged, not yet settled (see ack_later)
+        self._acks_sent: list[str] = []  # acknowledgements riding on the pending fetch
         self._scripts: dict[str, Any] = {}
         self._heartbeat: heartbeat.Heartbeat | None = None
         self._noack_queues: set[str] = set()  # popped, never recorded: nothing will ack them
@@ -319,17 +321,24 @@ class Channel(kombu_redis.Channel):
         return script
 
     def ack_later(self, tag: str) -> bool:
-        """Leave the acknowledgement of `tag` to the next flush, if called on the thread of the
-        event loop (where Celery's worker acknowledges): the acknowledgements of one turn of the
-        loop are settled in one script, before the next fetch is sent or on the loop's next
-        turn. Anywhere else (no event loop, another thread), False: settle it now."""
+        """Leave the acknowledgement of `tag` for later, if called on the thread of the event
+        loop (where Celery's worker acknowledges): the acknowledgements of one turn of the loop
+        ride on the channel's next fetch (the fetch script settles them), or are settled in one
+        script before it waits on an empty queue, or on the loop's next turn if the channel is
+        not fetching. Anywhere else (no event loop, another thread), False: settle it now."""
         hub = get_event_loop()
         if hub is None or getattr(hub, "_loop_thread", None) != threading.get_ident():
             return False
         self._acks.append(tag)
         if len(self._acks) == 1:
-            hub.call_soon(self.flush_acks)
+            hub.call_soon(self._flush_acks_unless_fetching)
         return True
+
+    def _flush_acks_unless_fetching(self) -> None:
+        # (the loop's tick, right after this, sends the next fetch, which carries them; or a
+        # fetch is on its way, whose reply makes the next one)
+        if not (self.active_queues and self.qos.can_consume()):
+            self.flush_acks()
 
     def flush_acks(self) -> None:
         """Settle the acknowledgements left for later. If Redis cannot be reached, they stay
@@ -358,16 +367,20 @@ class Channel(kombu_redis.Channel):
             ],
             args=[keys.held(""), *tags],
         )
+        self._settled(tags, gone)
+
+    def _settled(self, tags: list[str], gone: list[bytes] | None) -> None:
+        """What follows the acknowledgement of `tags` in Redis (`gone`: those already gone)."""
         owned, held = self.qos._owned, self._flow_held
         for tag in tags:
             owned.discard(tag)
             if tag in held:
                 flow.release(self, tag)
-        for tag in gone or ():
+        for lost in gone or ():
             logger.warning(
                 "delivery %s was acknowledged after it had been taken back from this worker "
                 "(its heartbeat had lapsed); the job may have run twice",
-                bytes_to_str(tag),
+                bytes_to_str(lost),
             )
 
     def _settle(self, tag: str, how: str, death: bool = False) -> None:
@@ -543,9 +556,8 @@ class Channel(kombu_redis.Channel):
         ]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if self._acks:
-            self.flush_acks()
         if time.monotonic() < self._refused_until:
+            self.flush_acks()
             return  # nothing is sent; the event loop asks again on a later tick
         order = self._fetch_order()
         if not order:
@@ -555,6 +567,7 @@ class Channel(kombu_redis.Channel):
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         if self._idle:
+            self.flush_acks()
             wait = min(self.fetch_wait, timeout if timeout is not None else self.brpop_timeout)
             paused = agent.paused
             first = next((key for key, queue in order if queue not in paused), None)
@@ -580,11 +593,21 @@ class Channel(kombu_redis.Channel):
         # and the count: the rest is packed once per order of queues (packing it took a tenth
         # of the loop).
         dynamic = _bulk(repr(time.time())) + _bulk(number) + _bulk(most)
-        connection.send_packed_command([packed[0] + dynamic + packed[1]])
+        # The acknowledgements left for later ride on it (settled once its reply is read).
+        acks, self._acks = self._acks, []
+        self._acks_sent = acks
+        count, head, tail = packed
+        connection.send_packed_command(
+            [
+                b"*%d\r\n" % (count + len(acks)),
+                head + dynamic + tail + b"".join(_bulk(tag) for tag in acks),
+            ]
+        )
 
-    def _pack_fetch(self, order: list[tuple[str, str]]) -> tuple[bytes, bytes]:
-        """The fetch's EVALSHA for this order, packed (RESP) before and after the arguments
-        that change from one fetch to the next (the time, the first tag, the count)."""
+    def _pack_fetch(self, order: list[tuple[str, str]]) -> tuple[int, bytes, bytes]:
+        """The fetch's EVALSHA for this order, packed (RESP): its length without the
+        acknowledgements, and its arguments before and after those that change from one fetch
+        to the next (the time, the first tag, the count)."""
         keys = self.keys
         noack = self._noack_queues
         head = [
@@ -609,9 +632,10 @@ class Channel(kombu_redis.Channel):
         ]
         for _, queue in order:
             tail += [queue, "0" if queue in noack else "1"]
-        count = len(head) + 3 + len(tail)
+        tail.append(keys.held(""))
         return (
-            b"*%d\r\n" % count + b"".join(_bulk(arg) for arg in head),
+            len(head) + 3 + len(tail),
+            b"".join(_bulk(arg) for arg in head),
             b"".join(_bulk(arg) for arg in tail),
         )
 
@@ -619,15 +643,20 @@ class Channel(kombu_redis.Channel):
         try:
             pending = self._pending
             self._pending = None
+            acks, self._acks_sent = self._acks_sent, []
             try:
                 reply = self.client.parse_response(
                     self.client.connection, "EVALSHA" if pending == "fetch" else "BLMOVE", **options
                 )
             except self.connection_errors:
-                # As kombu: disconnect, so that the next poll reconnects.
+                # The reply is lost: the acknowledgements it carried go again (one that landed
+                # is found gone then, and logged so). As kombu: disconnect, so that the next
+                # poll reconnects.
+                self._acks[:0] = acks
                 self.client.connection.disconnect()
                 raise
             except self.ResponseError as exc:
+                self._acks[:0] = acks  # the script did not run, or stopped before them
                 if str(exc).startswith("NOSCRIPT"):  # Redis restarted: load the script again
                     self._fetch_sha = None
                     raise virtual.Empty() from None
@@ -644,11 +673,13 @@ class Channel(kombu_redis.Channel):
             if pending != "fetch":  # the wait ended: a message arrived, or the wait timed out
                 self._idle = False
                 raise virtual.Empty()
-            if not reply:
+            gone, position, *taken = reply
+            if acks:
+                self._settled(acks, gone)
+            if not position:
                 self._idle = True
                 raise virtual.Empty()
             self._idle = False
-            position, *taken = reply
             _, queue = self._fetch_keys[int(position) - 1]
             self._queue_cycle.rotate(queue)
             delivered = False
@@ -745,7 +776,6 @@ class Channel(kombu_redis.Channel):
         return name in current_app.tasks
 
     def close(self) -> None:
-        self.flush_acks()
         agent, self._heartbeat = self._heartbeat, None
         if self._in_poll and not self.closed:
             # kombu's close reads the pending fetch's reply first and lets a connection error
@@ -758,6 +788,7 @@ class Channel(kombu_redis.Channel):
                 self._brpop_read()
             except (virtual.Empty, *self.connection_errors):
                 pass
+        self.flush_acks()  # (after that reply: the acknowledgements it carried, if it was lost)
         try:
             super().close()  # puts back what it holds, unless Redis is gone
         except AttributeError:

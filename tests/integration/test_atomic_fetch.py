@@ -285,7 +285,7 @@ def test_a_worker_facing_a_full_redis_stays_up_and_resumes_when_there_is_room(
         server.stop()
 
 
-def _take_three(url: str, connection: Connection) -> list[Any]:
+def _take_three(url: str, connection: Connection) -> tuple[Consumer, list[Any]]:
     """Three recorded deliveries, their messages not yet acknowledged."""
     with connect(url, broker.Transport) as producer:
         for n in range(3):
@@ -299,37 +299,65 @@ def _take_three(url: str, connection: Connection) -> list[Any]:
             connection.drain_events(timeout=1)
     assert len(taken) == 3
     assert counts(url) == {"queued": 0, "unacked": 3, "indexed": 3}
-    return taken
+    return consumer, taken
 
 
-def test_acknowledgements_on_the_event_loop_are_settled_together_on_its_next_turn(
+def _noting_settles(channel: Any) -> list[list[str]]:
+    """The tags of each ACK script the channel runs (acknowledgements settled on their own)."""
+    settled: list[list[str]] = []
+    settle = channel.settle_acks
+
+    def settle_and_note(tags: list[str]) -> None:
+        settled.append(list(tags))
+        settle(tags)
+
+    channel.settle_acks = settle_and_note
+    return settled
+
+
+def test_acknowledgements_on_the_event_loop_ride_on_its_next_fetch(url: str) -> None:
+    from kombu.asynchronous import Hub, set_event_loop
+
+    with connect(url, broker.Transport) as connection:
+        _, taken = _take_three(url, connection)
+        hub = Hub()
+        set_event_loop(hub)
+        try:
+            # As Celery's worker runs: the transport on the loop, acknowledging in a callback
+            # the loop runs on its own thread.
+            connection.transport.register_with_event_loop(connection.connection, hub)
+            settled = _noting_settles(connection.default_channel)
+            hub.call_soon(lambda: [message.ack() for message in taken])
+            deadline = time.monotonic() + 10
+            while counts(url)["unacked"] and time.monotonic() < deadline:
+                next(hub.loop)
+            assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+            assert settled == []  # no script of their own: the fetch settled them
+            client = redis.Redis.from_url(redis_client_url(url) or "")
+            assert client.hlen("jobs_service:inflight") == 0
+        finally:
+            set_event_loop(None)
+            hub.close()
+
+
+def test_acknowledgements_of_a_channel_not_fetching_are_settled_together_on_the_next_turn(
     url: str,
 ) -> None:
     from kombu.asynchronous import Hub, set_event_loop
 
     with connect(url, broker.Transport) as connection:
-        taken = _take_three(url, connection)
+        consumer, taken = _take_three(url, connection)
+        consumer.cancel()  # no fetch will carry them
         hub = Hub()
         set_event_loop(hub)
         try:
-            # As Celery's worker acknowledges: a callback the loop runs on its own thread.
-            channel: Any = connection.default_channel
-            settled: list[list[str]] = []
-            settle = channel.settle_acks
-
-            def settle_and_note(tags: list[str]) -> None:
-                settled.append(list(tags))
-                settle(tags)
-
-            channel.settle_acks = settle_and_note
+            settled = _noting_settles(connection.default_channel)
             hub.call_soon(lambda: [message.ack() for message in taken])
-            next(hub.loop)  # runs the acknowledgements: left for the flush
+            next(hub.loop)  # runs the acknowledgements: left for later
             assert counts(url)["unacked"] == 3
             next(hub.loop)  # the next turn settles all three
             assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
             assert settled == [[message.delivery_tag for message in taken]]  # one script call
-            client = redis.Redis.from_url(redis_client_url(url) or "")
-            assert client.hlen("jobs_service:inflight") == 0
         finally:
             set_event_loop(None)
             hub.close()
@@ -341,7 +369,7 @@ def test_acknowledgements_left_for_the_flush_are_settled_when_the_channel_closes
     from kombu.asynchronous import Hub, set_event_loop
 
     with connect(url, broker.Transport) as connection:
-        taken = _take_three(url, connection)
+        _, taken = _take_three(url, connection)
         hub = Hub()
         set_event_loop(hub)
         try:
@@ -356,7 +384,7 @@ def test_acknowledgements_left_for_the_flush_are_settled_when_the_channel_closes
 
 def test_an_acknowledgement_off_the_event_loop_is_settled_at_once(url: str) -> None:
     with connect(url, broker.Transport) as connection:
-        taken = _take_three(url, connection)
+        _, taken = _take_three(url, connection)
         taken[0].ack()
         assert counts(url) == {"queued": 0, "unacked": 2, "indexed": 2}
 
