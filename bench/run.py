@@ -486,10 +486,10 @@ def bench_bulk(size: int) -> dict[str, Any]:
             "What is left (python -m bench.run --only bulk --profile): a shape's later "
             "messages come from its template (app.delivery.bulk.Template), so Celery's and "
             "kombu's message building no longer counts; per job remain the call's checks, "
-            "redaction and headers (Job.prepare, about a quarter), filling the template "
+            "redaction and headers (Job.prepare, about a third), filling the template "
             "(arguments' JSON, base64, reprs: about a quarter), the signatures the caller "
-            "makes (about a seventh), and the pipelined LPUSH. A third of the LPUSH floor "
-            "would leave about 18 us a job for all of it; this path spends 26-28 us."
+            "makes (about a fifth), and the pipelined LPUSH (about a fifth). A third of the "
+            "LPUSH floor would leave 15-18 us a job for all of it; this path spends about 20 us."
         ),
     }
 
