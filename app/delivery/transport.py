@@ -21,9 +21,9 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   runs or its ETA waits; it stays the recovery of records written by stock kombu clients.
 - **Acknowledgements together.** The acknowledgements Celery's worker makes on its event loop
   in one turn ride on the channel's next fetch: the fetch script settles them after taking
-  its messages, so a worker under load spends no round trip of its own on them. Before it
-  waits on empty queues, and on the loop's next turn when it is not fetching, the channel
-  settles them in one script (`scripts.ACK`). Those whose fetch's reply is lost or refused go
+  its messages, so a worker under load spends no round trip of its own on them. A channel
+  waiting on empty queues, or not fetching, settles them in one script (`scripts.ACK`) on the
+  loop's next turn. Those whose fetch's reply is lost or refused go
   again; what is still unsettled when the channel closes (Redis gone) is handed out again by
   the heartbeat recovery, as after a crash just before the acknowledgement. Acknowledgements
   off the event loop (a plain kombu consumer) are settled at once.
@@ -324,8 +324,8 @@ class Channel(kombu_redis.Channel):
         """Leave the acknowledgement of `tag` for later, if called on the thread of the event
         loop (where Celery's worker acknowledges): the acknowledgements of one turn of the loop
         ride on the channel's next fetch (the fetch script settles them), or are settled in one
-        script before it waits on an empty queue, or on the loop's next turn if the channel is
-        not fetching. Anywhere else (no event loop, another thread), False: settle it now."""
+        script on the loop's next turn if the channel is waiting on empty queues or not
+        fetching. Anywhere else (no event loop, another thread), False: settle it now."""
         hub = get_event_loop()
         if hub is None or getattr(hub, "_loop_thread", None) != threading.get_ident():
             return False
@@ -335,9 +335,10 @@ class Channel(kombu_redis.Channel):
         return True
 
     def _flush_acks_unless_fetching(self) -> None:
-        # (the loop's tick, right after this, sends the next fetch, which carries them; or a
-        # fetch is on its way, whose reply makes the next one)
-        if not (self.active_queues and self.qos.can_consume()):
+        # Under load the loop's tick, right after this, sends the next fetch, which carries
+        # them (or a fetch is on its way, whose reply makes the next one). A channel waiting on
+        # empty queues (up to fetch_wait) or not fetching at all settles them now.
+        if self._pending == "wait" or not (self.active_queues and self.qos.can_consume()):
             self.flush_acks()
 
     def flush_acks(self) -> None:

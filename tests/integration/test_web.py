@@ -246,6 +246,8 @@ def test_every_page_renders(web: Web, page: Any) -> None:
     producer = producer_for(web.broker)
     producer.send_task("jobs.test_always_fails", ["dashboard"], queue="default")
     wait_until(lambda: web.client.zcard("jobs_service:schedule") > 0, timeout=30)
+    # (its acknowledgement follows its retry's scheduling: until then its record is in flight)
+    wait_until(lambda: web.client.hlen("jobs_service:inflight") == 0, timeout=30)
     slow = producer.send_task(
         "jobs.test_slow_record", [f"busy-{uuid.uuid4().hex[:8]}", 4], queue="default"
     )
