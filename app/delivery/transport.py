@@ -306,6 +306,15 @@ class Channel(kombu_redis.Channel):
 
     # Scripts ---------------------------------------------------------------------------------
 
+    def _record_keys(self) -> list[str]:
+        """The keys of a delivery's records, the first three of every script that touches
+        them: kombu's unacked hash and its index, and the in-flight hash."""
+        return [
+            self._prefixed(self.unacked_key),
+            self._prefixed(self.unacked_index_key),
+            self.keys.inflight,
+        ]
+
     @property
     def plain_client(self) -> redis.Redis:
         """A redis-py client on the channel's pool that prefixes nothing (scripts name keys)."""
@@ -360,14 +369,7 @@ class Channel(kombu_redis.Channel):
     def settle_acks(self, tags: list[str]) -> None:
         """Acknowledge these recorded deliveries in one script."""
         keys = self.keys
-        gone = self._script(scripts.ACK)(
-            keys=[
-                self._prefixed(self.unacked_key),
-                self._prefixed(self.unacked_index_key),
-                keys.inflight,
-            ],
-            args=[keys.held(""), *tags],
-        )
+        gone = self._script(scripts.ACK)(keys=self._record_keys(), args=[keys.held(""), *tags])
         self._settled(tags, gone)
 
     def _settled(self, tags: list[str], gone: list[bytes] | None) -> None:
@@ -387,11 +389,7 @@ class Channel(kombu_redis.Channel):
     def _settle(self, tag: str, how: str, death: bool = False) -> None:
         keys = self.keys
         found = self._script(scripts.SETTLE)(
-            keys=[
-                self._prefixed(self.unacked_key),
-                self._prefixed(self.unacked_index_key),
-                keys.inflight,
-            ],
+            keys=self._record_keys(),
             args=[tag, how, "1" if death else "0", keys.held(""), heartbeat.DEATHS_TTL],
         )
         if tag in self._flow_held:
@@ -407,12 +405,7 @@ class Channel(kombu_redis.Channel):
         """Take the recorded delivery `tag` out of circulation, for the dead-letter store."""
         header = heartbeat.rejected_header(queue, tag, reason)
         self._script(scripts.QUARANTINE)(
-            keys=[
-                self._prefixed(self.unacked_key),
-                self._prefixed(self.unacked_index_key),
-                self.keys.inflight,
-                self.keys.rejected,
-            ],
+            keys=[*self._record_keys(), self.keys.rejected],
             args=[tag, header, self.keys.held("")],
         )
         if tag in self._flow_held:
@@ -513,9 +506,7 @@ class Channel(kombu_redis.Channel):
             keys=[
                 keys.schedule,
                 keys.schedule_messages,
-                self._prefixed(self.unacked_key),
-                self._prefixed(self.unacked_index_key),
-                keys.inflight,
+                *self._record_keys(),
             ],
             args=[
                 scheduled.member_base(payload),
@@ -615,9 +606,7 @@ class Channel(kombu_redis.Channel):
             "EVALSHA",
             self._fetch_sha,
             7 + len(order),
-            self._prefixed(self.unacked_key),
-            self._prefixed(self.unacked_index_key),
-            keys.inflight,
+            *self._record_keys(),
             keys.held(self.worker),
             keys.workers,
             keys.rejected,

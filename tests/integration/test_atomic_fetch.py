@@ -285,6 +285,20 @@ def test_a_worker_facing_a_full_redis_stays_up_and_resumes_when_there_is_room(
         server.stop()
 
 
+@contextlib.contextmanager
+def event_loop() -> Iterator[Any]:
+    """A kombu event loop set as the current one (as Celery's worker runs), closed after."""
+    from kombu.asynchronous import Hub, set_event_loop
+
+    hub = Hub()
+    set_event_loop(hub)
+    try:
+        yield hub
+    finally:
+        set_event_loop(None)
+        hub.close()
+
+
 def _take_three(url: str, connection: Connection) -> tuple[Consumer, list[Any]]:
     """Three recorded deliveries, their messages not yet acknowledged."""
     with connect(url, broker.Transport) as producer:
@@ -316,68 +330,46 @@ def _noting_settles(channel: Any) -> list[list[str]]:
 
 
 def test_acknowledgements_on_the_event_loop_ride_on_its_next_fetch(url: str) -> None:
-    from kombu.asynchronous import Hub, set_event_loop
-
-    with connect(url, broker.Transport) as connection:
+    with connect(url, broker.Transport) as connection, event_loop() as hub:
         _, taken = _take_three(url, connection)
-        hub = Hub()
-        set_event_loop(hub)
-        try:
-            # As Celery's worker runs: the transport on the loop, acknowledging in a callback
-            # the loop runs on its own thread.
-            connection.transport.register_with_event_loop(connection.connection, hub)
-            settled = _noting_settles(connection.default_channel)
-            hub.call_soon(lambda: [message.ack() for message in taken])
-            deadline = time.monotonic() + 10
-            while counts(url)["unacked"] and time.monotonic() < deadline:
-                next(hub.loop)
-            assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
-            assert settled == []  # no script of their own: the fetch settled them
-            client = redis.Redis.from_url(redis_client_url(url) or "")
-            assert client.hlen("jobs_service:inflight") == 0
-        finally:
-            set_event_loop(None)
-            hub.close()
+        # As Celery's worker runs: the transport on the loop, acknowledging in a callback
+        # the loop runs on its own thread.
+        connection.transport.register_with_event_loop(connection.connection, hub)
+        settled = _noting_settles(connection.default_channel)
+        hub.call_soon(lambda: [message.ack() for message in taken])
+        deadline = time.monotonic() + 10
+        while counts(url)["unacked"] and time.monotonic() < deadline:
+            next(hub.loop)
+        assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+        assert settled == []  # no script of their own: the fetch settled them
+        client = redis.Redis.from_url(redis_client_url(url) or "")
+        assert client.hlen("jobs_service:inflight") == 0
 
 
 def test_acknowledgements_of_a_channel_not_fetching_are_settled_together_on_the_next_turn(
     url: str,
 ) -> None:
-    from kombu.asynchronous import Hub, set_event_loop
-
-    with connect(url, broker.Transport) as connection:
+    with connect(url, broker.Transport) as connection, event_loop() as hub:
         consumer, taken = _take_three(url, connection)
         consumer.cancel()  # no fetch will carry them
-        hub = Hub()
-        set_event_loop(hub)
-        try:
-            settled = _noting_settles(connection.default_channel)
-            hub.call_soon(lambda: [message.ack() for message in taken])
-            next(hub.loop)  # runs the acknowledgements: left for later
-            assert counts(url)["unacked"] == 3
-            next(hub.loop)  # the next turn settles all three
-            assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
-            assert settled == [[message.delivery_tag for message in taken]]  # one script call
-        finally:
-            set_event_loop(None)
-            hub.close()
+        settled = _noting_settles(connection.default_channel)
+        hub.call_soon(lambda: [message.ack() for message in taken])
+        next(hub.loop)  # runs the acknowledgements: left for later
+        assert counts(url)["unacked"] == 3
+        next(hub.loop)  # the next turn settles all three
+        assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+        assert settled == [[message.delivery_tag for message in taken]]  # one script call
 
 
 def test_acknowledgements_left_for_the_flush_are_settled_when_the_channel_closes(
     url: str,
 ) -> None:
-    from kombu.asynchronous import Hub, set_event_loop
-
     with connect(url, broker.Transport) as connection:
         _, taken = _take_three(url, connection)
-        hub = Hub()
-        set_event_loop(hub)
-        try:
+        with event_loop() as hub:
             hub.call_soon(lambda: [message.ack() for message in taken])
             next(hub.loop)
             assert counts(url)["unacked"] == 3
-        finally:
-            set_event_loop(None)
     # Closed before the loop's next turn: the close settles them, nothing is put back.
     assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
 
