@@ -9,7 +9,7 @@ messages of both paths field by field: run it after any Celery or kombu upgrade.
 from __future__ import annotations
 
 import base64
-import os
+import json.encoder
 import re
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
@@ -28,7 +28,9 @@ from kombu.utils import json as kombu_json
 from kombu.utils.functional import maybe_evaluate
 
 from app.celery_app import celery_app
+from app.delivery import resp
 from app.delivery.flow import EXPIRES_HEADER
+from app.ids import random_uuids
 from app.queues import ENQUEUED_AT_HEADER, FIRST_ENQUEUED_HEADER
 
 if TYPE_CHECKING:
@@ -85,14 +87,6 @@ _TEMPLATE_OPTIONS = frozenset(
 )
 #: The job layer's headers that differ between two calls of one shape (each a timestamp).
 _STAMPS = (FIRST_ENQUEUED_HEADER, EXPIRES_HEADER, ENQUEUED_AT_HEADER)
-
-
-def random_uuid() -> str:
-    """A random (version 4) UUID as text, as `str(uuid.uuid4())` makes it (from the same
-    source, `os.urandom`) in a third of the time: task ids and delivery tags, two a message
-    on the bulk path."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 class Commands:
@@ -211,22 +205,22 @@ class BulkPublish:
 
     def publish(self, prepared: Sequence[Prepared]) -> None:
         """Build and push every message, BULK_BATCH_SIZE messages a round trip."""
-        commands = Commands()
-        published: list[_Published] = []
-        count = 0
-        for item in prepared:
-            self._put(item, commands, published)
-            count += 1
-            if count == BULK_BATCH_SIZE:
-                self._flush(commands, published)
-                commands, published, count = Commands(), [], 0
-        if count:
+        for first in range(0, len(prepared), BULK_BATCH_SIZE):
+            batch = prepared[first : first + BULK_BATCH_SIZE]
+            commands = Commands()
+            published: list[_Published] = []
+            for item, tag in zip(batch, random_uuids(len(batch)), strict=True):
+                self._put(item, commands, published, tag)
             self._flush(commands, published)
 
-    def _put(self, item: Prepared, commands: Commands, published: list[_Published]) -> None:
+    def _put(
+        self, item: Prepared, commands: Commands, published: list[_Published], tag: str
+    ) -> None:
+        """Add `item`'s message to `commands`: from its shape's template (delivery tag `tag`)
+        where it has one, else built in full (kombu's channel tags it)."""
         shape = self._shape(item)
         template = self.templates.get(shape) if shape is not None else None
-        if template is not None and template.put(self, item, commands):
+        if template is not None and template.put(self, item, commands, tag):
             return
         before = len(commands.commands)
         message = self._build(item, commands, published)
@@ -400,8 +394,9 @@ class BulkPublish:
 
     def _flush(self, commands: Commands, published: list[_Published]) -> None:
         buffered = commands.commands
-        with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            if all(name == "lpush" and len(args) == 2 for name, args in buffered):
+        waits = bool(getattr(self.channel, "wait_replicas", 0))
+        with self.channel.conn_or_acquire() as client:
+            if not waits and all(name == "lpush" and len(args) == 2 for name, args in buffered):
                 values: dict[Any, list[Any]] = {}
                 for _, (key, value) in buffered:
                     listed = values.get(key)
@@ -409,13 +404,23 @@ class BulkPublish:
                         values[key] = [value]
                     else:
                         listed.append(value)
-                for key, listed in values.items():
-                    pipe.lpush(key, *listed)
-            else:  # other commands too (a queue with an expiry): one by one, in kombu's order
-                for name, args in buffered:
-                    getattr(pipe, name)(*args)
+                _lpush_packed(client, values)
+            else:
+                self._flush_pipelined(client, buffered, waits)
+        for name, body, headers, routing_key in published:
+            signals.after_task_publish.send(
+                sender=name, body=body, headers=headers, exchange="", routing_key=routing_key
+            )
+
+    def _flush_pipelined(
+        self, client: Any, buffered: list[tuple[str, tuple[Any, ...]]], waits: bool
+    ) -> None:
+        """Other commands than LPUSH (a queue with an expiry), or a WAIT after them: through
+        redis-py's pipeline, one by one, in kombu's order."""
+        with client.pipeline(transaction=False) as pipe:
+            for name, args in buffered:
+                getattr(pipe, name)(*args)
             # BROKER_WAIT_REPLICAS: one WAIT after the batch, on the batch's connection.
-            waits = bool(getattr(self.channel, "wait_replicas", 0))
             if waits:
                 self.channel.wait_for_replicas(pipe)
             try:
@@ -426,10 +431,29 @@ class BulkPublish:
                 ) from exc
             if waits:
                 self.channel.check_replicated(replies[-1])
-        for name, body, headers, routing_key in published:
-            signals.after_task_publish.send(
-                sender=name, body=body, headers=headers, exchange="", routing_key=routing_key
-            )
+
+
+def _lpush_packed(client: Any, values: dict[Any, list[Any]]) -> None:
+    """One LPUSH of many messages per list, packed by hand (`app.delivery.resp`) and sent in
+    one write on one of `client`'s pooled connections: redis-py's pipeline spent twice as
+    long again as Redis did. Any failure, a connection's or an error reply, leaves the
+    connection closed (the replies still unread would be out of step) and raises what kombu's
+    batch publish raises: some of the messages may be in Redis."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(
+            [b"".join(resp.command("LPUSH", key, more=listed) for key, listed in values.items())]
+        )
+        for _ in values:
+            connection.read_response()
+    except BaseException as exc:
+        connection.disconnect()
+        if not isinstance(exc, Exception):
+            raise
+        raise BatchPublishError("Redis publish batch failed; delivery is uncertain") from exc
+    finally:
+        pool.release(connection)
 
 
 class Template:
@@ -439,7 +463,7 @@ class Template:
     bulk path's time). Made from a message built in full, and only when filling it in again
     for that same call gives back exactly the bytes kombu encoded."""
 
-    __slots__ = ("encode", "key", "parts", "slots", "timestamps")
+    __slots__ = ("encode", "key", "parts", "slots", "stamps", "timestamps")
 
     #: A slot's marker in the template's JSON.
     MARK = "\x00jobs-template-slot-{}\x00"
@@ -459,6 +483,7 @@ class Template:
         self.slots = slots  # (index in parts, slot name) of each slot
         self.timestamps = timestamps  # the job layer's timestamp headers the shape has
         self.encode = encode  # kombu's JSON encoder
+        self.stamps: dict[float, str] = {}  # a timestamp's JSON (a bulk call stamps many alike)
 
     def fill(self, values: dict[str, str]) -> str:
         """The message's JSON with each slot's JSON from `values`."""
@@ -523,7 +548,7 @@ class Template:
             parts.append("")
             last = found.end()
         parts.append(text[last:])
-        template = cls(key, parts, tuple(at), timestamps, kombu_json.JSONEncoder().encode)
+        template = cls(key, parts, tuple(at), timestamps, _ENCODE_ARGUMENTS)
         values = template.values(item, properties["delivery_tag"], headers)
         if values is None or encode_basestring_ascii(message["body"]) != values["body"]:
             return None  # another serializer or body encoding than kombu's JSON and base64
@@ -549,21 +574,28 @@ class Template:
             "kwargsrepr": encode_basestring_ascii(options["kwargsrepr"]),
             "delivery_tag": '"' + delivery_tag + '"',  # a UUID: nothing to escape
         }
+        stamps = self.stamps
         for stamp in self.timestamps:
             value = headers.get(stamp)
             if type(value) is not float:
                 return None
-            found[stamp] = repr(value)
+            text = stamps.get(value) if value > 0 else None  # (not -0.0, which equals 0.0)
+            if text is None:
+                if len(stamps) >= 64:
+                    stamps.clear()
+                text = stamps[value] = repr(value)
+            found[stamp] = text
         return found
 
-    def put(self, bulk: BulkPublish, item: Prepared, commands: Commands) -> bool:
-        """Add `item`'s message to `commands`; False (and nothing added) if it does not fit."""
+    def put(self, bulk: BulkPublish, item: Prepared, commands: Commands, tag: str) -> bool:
+        """Add `item`'s message, delivery tag `tag`, to `commands`; False (and nothing added)
+        if it does not fit."""
         job, args, kwargs = item.job, item.args, item.kwargs
         if job.typing:  # as Task.apply_async
             check_arguments = getattr(job, "__header__", None)
             if check_arguments is not None:
                 check_arguments(*args, **kwargs)
-        values = self.values(item, random_uuid(), item.options.get("headers") or {})
+        values = self.values(item, tag, item.options.get("headers") or {})
         if values is None:
             return False
         if not item.options.get("ignore_result", job.ignore_result):
@@ -571,6 +603,33 @@ class Template:
                 bulk.backend.on_task_call(bulk.producer, item.task_id)
         commands.add("lpush", self.key, self.fill(values))
         return True
+
+
+def _arguments_encoder() -> Callable[[Any], str]:
+    """kombu's JSON encoder's `encode`, for a call's (args, kwargs), without making Python's C
+    encoder afresh for each value as `json.JSONEncoder.encode` does (most of its time for a
+    call of a few ids). It does not look for circular references: arguments that contain
+    themselves raise RecursionError instead of ValueError, and `Template.values` gives the
+    message up to be built in full, which raises kombu's error."""
+    encoder = kombu_json.JSONEncoder()
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # (a Python without json's C speedups)
+        return encoder.encode
+    iterencode = make(
+        None,  # no circular-reference markers
+        encoder.default,
+        encode_basestring_ascii,
+        None,  # indent
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+    return lambda value: "".join(iterencode(value, 0))
+
+
+_ENCODE_ARGUMENTS = _arguments_encoder()
 
 
 def _body_encoder(serializer: str) -> Callable[[Any], tuple[Any, Any, Any]]:

@@ -101,6 +101,7 @@ from kombu.utils.url import url_to_parts
 from app.delivery import flow, heartbeat, scheduled, scripts
 from app.delivery.envelope import envelope_problem, task_problem
 from app.delivery.records import Keys
+from app.delivery.resp import bulk_string
 
 #: How long an idle channel blocks on its first queue before looking at all of them again.
 DEFAULT_FETCH_WAIT = 0.1
@@ -138,12 +139,6 @@ def worker_id() -> str:
 
 _WORKER_ID = ""
 _WORKER_PID = -1
-
-
-def _bulk(arg: Any) -> bytes:
-    """One argument of a command, as RESP's bulk string."""
-    data = arg if isinstance(arg, bytes) else str(arg).encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class QoS(kombu_redis.QoS):
@@ -584,7 +579,7 @@ class Channel(kombu_redis.Channel):
         # The command is the same from one fetch to the next but for the time, the first tag
         # and the count: the rest is packed once per order of queues (packing it took a tenth
         # of the loop).
-        dynamic = _bulk(repr(time.time())) + _bulk(number) + _bulk(most)
+        dynamic = bulk_string(repr(time.time())) + bulk_string(number) + bulk_string(most)
         # The acknowledgements left for later ride on it (settled once its reply is read).
         acks, self._acks = self._acks, []
         self._acks_sent = acks
@@ -592,7 +587,7 @@ class Channel(kombu_redis.Channel):
         connection.send_packed_command(
             [
                 b"*%d\r\n" % (count + len(acks)),
-                head + dynamic + tail + b"".join(_bulk(tag) for tag in acks),
+                head + dynamic + tail + b"".join(bulk_string(tag) for tag in acks),
             ]
         )
 
@@ -625,8 +620,8 @@ class Channel(kombu_redis.Channel):
         tail.append(keys.held(""))
         return (
             len(head) + 3 + len(tail),
-            b"".join(_bulk(arg) for arg in head),
-            b"".join(_bulk(arg) for arg in tail),
+            b"".join(bulk_string(arg) for arg in head),
+            b"".join(bulk_string(arg) for arg in tail),
         )
 
     def _brpop_read(self, **options: Any) -> bool:

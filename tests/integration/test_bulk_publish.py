@@ -16,6 +16,7 @@ import json
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from celery import signals
 from celery._state import pop_current_task, push_current_task
 from celery.worker import WorkController
 from kombu.connection import Connection
+from kombu.exceptions import BatchPublishError
 
 from app import celery
 from app.delivery import bulk
@@ -36,6 +38,7 @@ from app.queues import ENQUEUED_AT_HEADER, FIRST_ENQUEUED_HEADER
 from app.settings import redis_client_url
 from tests.integration.conftest import Services, flush_broker, isolated_broker
 from tests.integration.factories import wait_until
+from tests.integration.test_broker_and_database_faults import OwnRedis
 
 # Needs a Redis broker (the transport's records, scripts or Redis itself): a pass on
 # RabbitMQ would leave it out (`-m "not redis_only"`).
@@ -388,6 +391,66 @@ def test_more_messages_than_one_pipeline_keep_their_order_per_queue(
         assert notes == sorted(notes)
         assert {n % 2 for n in notes} == {1 if key == "urgent" else 0}
     assert sum(map(len, found.values())) == len(calls)
+
+
+def test_the_timestamps_a_template_writes_are_the_jobs_own(bulk_broker: str, producer: Any) -> None:
+    # A template writes each timestamp header from its text, kept per value (a bulk call
+    # stamps a thousand jobs alike): each message must still carry its own job's times.
+    times = [1_700_000_000.25, 1_700_000_001.5, 0.0, 1e-7, 1_700_000_000.25, 123456789.123456789]
+    prepared = [
+        compared.prepare((2 * i + 2,), {}, stamped_at=at, ignore_result=True)
+        for i, at in enumerate(times)
+    ]
+    with bulk_path_only():
+        base._deliver(prepared, producer)
+
+    (messages,) = raw_messages(bulk_broker).values()
+    by_id = {m["headers"]["id"]: m["headers"] for m in messages}
+    assert len(by_id) == len(times)
+    for item in prepared:
+        written = by_id[item.task_id]
+        for stamp in (ENQUEUED_AT_HEADER, FIRST_ENQUEUED_HEADER):
+            assert written[stamp] == item.options["headers"][stamp], stamp
+
+
+def test_a_refused_lpush_raises_batch_publish_error_and_the_next_publish_goes_through(
+    tmp_path: Path,
+) -> None:
+    # The bulk path packs its LPUSHes itself and sends them on a pooled connection: an error
+    # reply must reach the caller as kombu's batch publish reports it, and leave no
+    # connection with unread replies behind.
+    server = OwnRedis(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        calls: list[Call] = [(compared, (n,), {}, {}) for n in (1, 2, 3, 4)]  # two lists
+        with celery.connection_for_write(server.url) as connection:
+            producer = celery.amqp.Producer(connection, auto_declare=False)
+            with bulk_path_only():
+                base._deliver(prepare(calls), producer)  # (declares the queue)
+            client.config_set("maxmemory", int(client.info("memory")["used_memory"]) // 2)
+            with bulk_path_only(), pytest.raises(BatchPublishError) as raised:
+                base._deliver(prepare(calls), producer)
+            assert "maxmemory" in str(raised.value.__cause__)
+            client.config_set("maxmemory", 0)
+            with bulk_path_only():
+                base._deliver(prepare(calls), producer)
+        for key, numbers in (("default", [4, 2]), ("urgent", [3, 1])):
+            found = [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(key, 0, -1)]
+            assert found == [f"{{'n': {n}}}" for n in numbers] * 2, key
+    finally:
+        server.stop()
+
+
+def test_perform_all_later_keeps_a_task_id_the_caller_set(worker: WorkController) -> None:
+    SEEN.clear()
+    enqueued = perform_all_later([seen.s(7).set(task_id="chosen-id"), seen.s(8)])
+
+    assert enqueued.ids[0] == "chosen-id"
+    assert enqueued.ids[1] != "chosen-id"
+    assert enqueued[0].id == "chosen-id"
+    wait_until(lambda: len(SEEN) >= 2, timeout=60)
+    assert sorted(entry["n"] for entry in SEEN) == [7, 8]
 
 
 @pytest.mark.parametrize(
