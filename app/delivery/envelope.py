@@ -67,12 +67,32 @@ def task_problem(
 ) -> str | None:
     """Why Celery's worker could not make a request of the envelope `payload` (from `raw` if
     given), or None. Checks the envelope too, as `envelope_problem`."""
+    return checked_task(payload, known, raw)[0]
+
+
+def checked_task(
+    payload: Any, known: Callable[[str], bool], raw: bytes | str | None = None
+) -> tuple[str | None, Any]:
+    """`task_problem`'s answer, and with none the body as kombu's message would decode it
+    (its `payload`) where the check's own decoding of it is exactly that, else None: the body
+    decoded once, not again by the worker's main thread and once more by its pool."""
     try:
         _check_envelope(payload, raw)
-        _check_task(payload, known)
+        body, text = _check_task(payload, known)
     except Malformed as exc:
-        return str(exc)
-    return None
+        return str(exc), None
+    return None, body if _decodes_alike(text) else None
+
+
+def _decodes_alike(text: bytes | str) -> bool:
+    """Whether json.loads reads `text` as kombu's JSON decoding does: UTF-8 (json.loads
+    would read UTF-16 or 32 too; kombu decodes UTF-8), and no object kombu's object hook turns
+    into a value (no `__type__` key; a key escaped in \\u form could spell one)."""
+    if isinstance(text, bytes):
+        return (
+            b"__type__" not in text and b"\\u" not in text and json.detect_encoding(text) == "utf-8"
+        )
+    return "__type__" not in text and "\\u" not in text
 
 
 def _check_envelope(payload: Any, raw: bytes | str | None = None) -> None:
@@ -101,7 +121,9 @@ def _check_envelope(payload: Any, raw: bytes | str | None = None) -> None:
         raise Malformed(f"body is {_kind(body)}, not a string")
 
 
-def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
+def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> tuple[Any, bytes | str]:
+    """Raise Malformed for what Celery's worker could not run; the body, decoded, and the
+    text it was decoded from."""
     content_type = payload.get("content-type")
     if content_type not in ACCEPTED_CONTENT:
         raise Malformed(f"content-type {_short(content_type)} is not accepted (JSON only)")
@@ -166,6 +188,7 @@ def _check_task(payload: dict[str, Any], known: Callable[[str], bool]) -> None:
         enqueued = fields.get(name)
         if enqueued is not None and not (_is_number(enqueued) and math.isfinite(enqueued)):
             raise Malformed(f"{name} is {_short(enqueued)}, not a time")
+    return body, raw
 
 
 def decoded_body(payload: Mapping[str, Any]) -> Any:

@@ -16,7 +16,20 @@ from celery.worker.request import Request as CeleryRequest
 
 
 class Request(CeleryRequest):  # type: ignore[misc]
-    """A request whose requeue after WorkerLostError counts as a death of its message."""
+    """A request whose requeue after WorkerLostError counts as a death of its message.
+
+    A protocol 2 message whose body the transport's checks decoded already
+    (`app.delivery.transport.Message.checked`) goes to the pool decoded, as Celery sends a
+    protocol 1 message's: the pool does not decode its JSON once more."""
+
+    def __init__(
+        self, message: Any, *args: Any, body: Any = None, decoded: bool = False, **kwargs: Any
+    ) -> None:
+        if not decoded and getattr(message, "checked", False) and body is message.body:
+            checked = message.payload  # (the checked body: nothing is decoded here)
+            if isinstance(checked, list) and len(checked) == 3:
+                body, decoded = checked, True
+        super().__init__(message, *args, body=body, decoded=decoded, **kwargs)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False

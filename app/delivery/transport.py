@@ -91,6 +91,7 @@ import uuid
 from typing import Any
 
 import redis
+from celery._state import get_current_app
 from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -99,7 +100,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.url import url_to_parts
 
 from app.delivery import flow, heartbeat, scheduled, scripts
-from app.delivery.envelope import envelope_problem, task_problem
+from app.delivery.envelope import checked_task, envelope_problem
 from app.delivery.records import Keys
 from app.delivery.resp import bulk_string
 
@@ -219,10 +220,24 @@ class QoS(kombu_redis.QoS):
                 logger.warning("Redis refused the visibility-timeout scan: %s", exc)
 
 
+class Message(virtual.Message):
+    """kombu's message; its decoded body (`payload`) is the one the delivery's checks decoded,
+    where that is what kombu's decoding would give (`envelope.checked_task`), instead of
+    Celery's worker decoding it again. `checked` says so (`app.delivery.requests`)."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        super().__init__(payload, channel=channel, **kwargs)
+        checked: tuple[str, Any] | None = getattr(channel, "_checked_body", None)
+        self.checked = checked is not None and checked[0] == self.delivery_tag
+        if checked is not None and self.checked:
+            self._decoded_cache = checked[1]
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel with the delivery path described in this module's docstring."""
 
     QoS = QoS
+    Message = Message
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "fetch_wait",
@@ -266,6 +281,7 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recorded_tag: str | None = None
+        self._checked_body: tuple[str, Any] | None = None  # (tag, body) for Message
         self._idle = False  # the last fetch found every queue empty: wait before the next
         self._pending: str | None = None  # "fetch" or "wait": the command whose reply is due
         self._fetch_keys: list[tuple[str, str]] = []  # (list key, queue delivered as)
@@ -695,6 +711,7 @@ class Channel(kombu_redis.Channel):
             self._agent().wake()
             raise virtual.Empty()
         problem: str | None = None
+        body: Any = None  # the body as kombu decodes it, where the checks decoded it so
         try:
             payload = loads(bytes_to_str(item))
         except (ValueError, TypeError, UnicodeDecodeError):
@@ -704,7 +721,7 @@ class Channel(kombu_redis.Channel):
         try:
             if problem is None:
                 if self.check_tasks and outcome == _RECORDED:  # not pidbox replies
-                    problem = task_problem(payload, self._known_task, item)  # (and envelope)
+                    problem, body = checked_task(payload, self._known_task, item)  # (and envelope)
                 else:
                     problem = envelope_problem(payload, item)
         except Exception as exc:  # a shape no check foresaw: it must not stop the worker either
@@ -735,6 +752,7 @@ class Channel(kombu_redis.Channel):
             self.connection._deliver(payload, queue)
             return
         self._recorded_tag = tag
+        self._checked_body = (tag, body) if body is not None else None
         try:
             self.connection._deliver(payload, queue)
         except self.connection_errors:
@@ -747,7 +765,7 @@ class Channel(kombu_redis.Channel):
             self.quarantine(tag, queue, f"the consumer raised {type(exc).__name__}: {exc}")
             self.qos._delivered.pop(tag, None)
         finally:
-            self._recorded_tag = None
+            self._recorded_tag = self._checked_body = None
 
     def _redis_now(self) -> float:
         """Redis's clock as this process last measured it (the poller's clock)."""
@@ -756,9 +774,7 @@ class Channel(kombu_redis.Channel):
 
     @staticmethod
     def _known_task(name: str) -> bool:
-        from celery import current_app
-
-        return name in current_app.tasks
+        return name in get_current_app().tasks
 
     def close(self) -> None:
         agent, self._heartbeat = self._heartbeat, None

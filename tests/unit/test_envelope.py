@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime as dt
 import json
 from typing import Any
 
 import pytest
 from kombu.transport.virtual import Channel
+from kombu.utils import json as kombu_json
 
 from app import celery
-from app.delivery.envelope import describe, envelope_problem, task_problem
+from app.delivery.envelope import checked_task, describe, envelope_problem, task_problem
 
 
 def known(name: str) -> bool:
@@ -163,3 +165,43 @@ def test_nesting_is_measured_the_same_with_the_raw_text_given(where: str) -> Non
             assert (problem is not None and "deeper than 100 levels" in problem) is deep
     brackets = json.dumps(envelope()).replace("{", "").replace("[", "")
     assert envelope_problem(envelope(), brackets.encode()) is None
+
+
+def encoded_body(text: bytes) -> dict[str, Any]:
+    message = envelope()
+    message["body"] = base64.b64encode(text).decode()
+    return message
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        (b'[[42], {"note": "plain"}, {"callbacks": null}]', True),
+        # kombu's JSON turns {"__type__": ..., "__value__": ...} into a value (a datetime here)
+        (kombu_json.dumps([[dt.datetime(2026, 1, 2, 3, 4, 5)], {}, {}]).encode(), False),
+        # a key escaped as \u...: it could spell __type__
+        (b'[[42], {"\\u005f_type__": "datetime", "__value__": "2026-01-02T03:04:05"}, {}]', False),
+        (b'[["caf\\u00e9"], {}, {}]', False),
+        # UTF-16: json.loads reads it, kombu's decoding (UTF-8) does not
+        ("[[42], {}, {}]".encode("utf-16"), False),
+    ],
+    ids=["plain", "kombu-typed value", "escaped key", "escaped text", "utf-16"],
+)
+def test_a_checked_body_is_handed_on_only_where_it_is_what_kombu_decodes(
+    text: bytes, kept: bool
+) -> None:
+    # The transport hands the body the checks decoded to kombu's message as its payload, so
+    # that Celery's worker does not decode it twice more: only where it is exactly what
+    # kombu's own decoding gives.
+    message = encoded_body(text)
+    problem, body = checked_task(message, known)
+
+    assert problem is None
+    assert (body is not None) is kept
+    if kept:
+        assert body == kombu_json.loads(text)
+        assert type(body) is list
+
+
+def test_a_message_with_a_problem_hands_on_no_body() -> None:
+    assert checked_task(changed("headers.task", "jobs.nobody"), known)[1] is None
