@@ -404,7 +404,10 @@ class BulkPublish:
                         values[key] = [value]
                     else:
                         listed.append(value)
-                _lpush_packed(client, values)
+                # (kombu's client with a global_keyprefix prefixes each key it sends; this
+                # packing bypasses the client, so it prefixes them itself)
+                prefix = str(getattr(self.channel, "global_keyprefix", "") or "")
+                _lpush_packed(client, {prefix + str(k): v for k, v in values.items()})
             else:
                 self._flush_pipelined(client, buffered, waits)
         for name, body, headers, routing_key in published:

@@ -14,11 +14,11 @@ def bulk_string(arg: Any) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-def command(name: str, *args: Any, more: Iterable[str] = ()) -> bytes:
+def command(name: str, *args: Any, more: Iterable[str | bytes] = ()) -> bytes:
     """The command `name args... more...`, packed; `more` (many texts, the values of an
     LPUSH) is encoded in one pass."""
     listed = [name, *args]
-    values = [value.encode() for value in more]
+    values = [value if isinstance(value, bytes) else value.encode() for value in more]
     return b"".join(
         [
             b"*%d\r\n" % (len(listed) + len(values)),

@@ -393,6 +393,20 @@ def test_more_messages_than_one_pipeline_keep_their_order_per_queue(
     assert sum(map(len, found.values())) == len(calls)
 
 
+def test_a_global_key_prefix_applies_to_the_bulk_path_as_to_apply_async(bulk_broker: str) -> None:
+    # The bulk path packs its LPUSHes itself, past kombu's client that prefixes keys.
+    with celery.connection_for_write(
+        bulk_broker, transport_options={"global_keyprefix": "tenant-a:"}
+    ) as connection:
+        producer = celery.amqp.Producer(connection, auto_declare=False)
+        one_by_one, bulk = publish_both_ways(
+            bulk_broker, producer, [(compared, (n,), {}, {}) for n in (1, 2, 3, 4)]
+        )
+
+    assert set(bulk) == {"tenant-a:default", "tenant-a:urgent"}
+    assert_equivalent(one_by_one, bulk)
+
+
 def test_the_timestamps_a_template_writes_are_the_jobs_own(bulk_broker: str, producer: Any) -> None:
     # A template writes each timestamp header from its text, kept per value (a bulk call
     # stamps a thousand jobs alike): each message must still carry its own job's times.
