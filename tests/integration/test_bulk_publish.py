@@ -28,7 +28,7 @@ from kombu.connection import Connection
 from kombu.exceptions import BatchPublishError
 
 from app import celery
-from app.delivery import bulk
+from app.delivery import bulk, transport
 from app.delivery.records import Keys
 from app.jobs import base
 from app.jobs.arguments import RowId
@@ -438,7 +438,12 @@ def test_a_refused_lpush_raises_batch_publish_error_and_the_next_publish_goes_th
     try:
         client = redis.Redis.from_url(server.url)
         calls: list[Call] = [(compared, (n,), {}, {}) for n in (1, 2, 3, 4)]  # two lists
-        with celery.connection_for_write(server.url) as connection:
+        # The service's transport on this server's URL (the embedded default's names a socket
+        # transport, which would connect to the embedded server instead).
+        own = Connection(server.url, transport_options=celery.conf.broker_transport_options)
+        own.transport_cls = transport.Transport
+        with own as connection:
+            assert type(connection.transport) is transport.Transport
             producer = celery.amqp.Producer(connection, auto_declare=False)
             with bulk_path_only():
                 base._deliver(prepare(calls), producer)  # (declares the queue)
