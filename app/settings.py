@@ -84,6 +84,7 @@ class Settings:
     payment_gateway_rate: int
     sentinel_master: str | None = None
     wait_replicas: int = 0
+    threads_prefetch: int = 2
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -414,6 +415,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         payment_gateway_rate=_count(env, "PAYMENT_GATEWAY_RATE", 20),
         sentinel_master=_sentinel_master(env, checked_broker),
         wait_replicas=_wait_replicas(env, checked_broker),
+        threads_prefetch=_count(env, "THREADS_PREFETCH", 2),
     )
 
 

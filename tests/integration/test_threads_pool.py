@@ -9,6 +9,7 @@ Real workers (`celery -A app worker --pool threads`), default settings otherwise
 - a threads worker SIGKILLed with jobs in its threads: a live worker takes them back by
   heartbeat and each runs to its effect exactly once;
 - a warm shutdown lets the running jobs finish and leaves the unstarted ones queued;
+- a worker holds two messages per thread (THREADS_PREFETCH), one with THREADS_PREFETCH=1;
 - hostile bytes LPUSHed into the queue are dead-lettered and the worker goes on.
 """
 
@@ -46,7 +47,12 @@ THREADS = 16
 
 
 def threads_worker(
-    services: Services, broker: str, log: Path, name: str, concurrency: int = THREADS
+    services: Services,
+    broker: str,
+    log: Path,
+    name: str,
+    concurrency: int = THREADS,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A threads-pool worker as a process group of its own (so a SIGKILL takes it all)."""
     pool = ["--pool", "threads", "--concurrency", str(concurrency), "--hostname", name]
@@ -54,7 +60,7 @@ def threads_worker(
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "app", *HARNESS_WORKER, *ALL_QUEUES, *pool],
             cwd=ROOT,
-            env=worker_env(services, broker),
+            env={**worker_env(services, broker), **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -233,6 +239,37 @@ def test_a_warm_shutdown_finishes_running_jobs_and_leaves_the_rest_queued(
         stop(worker)
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 0
+
+
+def test_a_threads_worker_holds_two_messages_a_thread_or_threads_prefetch(
+    services: Services, tmp_path: Path
+) -> None:
+    """Two held per thread by default (the second starts when a thread frees, with no fetch in
+    between), one with THREADS_PREFETCH=1; a warm shutdown gives back the unstarted."""
+    broker = isolated_broker(services.broker_url, 13)
+    client = client_for(broker)
+    for prefetch, held in (("", 4), ("1", 2)):
+        flush_broker(broker)
+        env = {"THREADS_PREFETCH": prefetch} if prefetch else {}
+        log = tmp_path / f"held-{held}.log"
+        worker = threads_worker(services, broker, log, f"threads-held{held}@%h", 2, env)
+        try:
+            producer = producer_for(broker)
+            for i in range(8):
+                producer.send_task(
+                    "jobs.test_slow_record", args=[f"pf{held}-{i}", 4.0], queue="default"
+                )
+            wait_until(lambda: client.hlen("unacked") >= held, timeout=60)  # noqa: B023
+            time.sleep(0.5)  # (long enough for a fetch beyond the window to show)
+            assert client.hlen("unacked") == held
+            assert client.llen("default") == 8 - held
+            assert products(f"pf{held}-") == []  # none finished yet: the counts are the window
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        finally:
+            stop(worker)
+        assert len(products(f"pf{held}-")) == 2  # the two running finished
+        assert client.llen("default") == 6 and client.hlen("unacked") == 0
 
 
 def test_hostile_bytes_pushed_into_redis_do_not_stop_a_threads_worker(

@@ -26,6 +26,7 @@ def test_with_nothing_set_defaults_apply_and_urls_are_left_to_the_embedded_defau
     assert settings.payment_gateway_url == "http://127.0.0.1:8090"
     assert settings.task_events is False
     assert settings.payment_gateway_rate == 20
+    assert settings.threads_prefetch == 2
 
 
 def test_task_events_are_off_unless_asked_for() -> None:
@@ -47,6 +48,7 @@ def test_values_are_read_from_the_environment() -> None:
             "LOG_FORMAT": "JSON",
             "LOG_LEVEL": "debug",
             "APP_STATE_DIR": "/var/lib/jobs",
+            "THREADS_PREFETCH": "1",
         }
     )
 
@@ -62,6 +64,7 @@ def test_values_are_read_from_the_environment() -> None:
     assert (settings.smtp_host, settings.smtp_port) == ("mail", 2525)
     assert (settings.log_format, settings.log_level) == ("json", "DEBUG")
     assert settings.state_dir == Path("/var/lib/jobs")
+    assert settings.threads_prefetch == 1
 
 
 def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
@@ -93,6 +96,8 @@ def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
         ("PAYMENT_GATEWAY_URL", "ftp://u:pw@gw", "an http:// or https:// URL"),
         ("TASK_EVENTS", "yes", "one of true, false"),
         ("PAYMENT_GATEWAY_RATE", "0", "a whole number from 1 to 1000"),
+        ("THREADS_PREFETCH", "0", "a whole number from 1 to 1000"),
+        ("THREADS_PREFETCH", "two", "a whole number from 1 to 1000"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(
