@@ -18,6 +18,7 @@ from typing import Any
 
 from statsd import StatsClient
 
+from app.delivery import throughput
 from app.settings import get_settings
 
 logger = logging.getLogger("app.jobs")
@@ -71,32 +72,40 @@ class Execution:
 AroundPerform = Callable[[Execution], AbstractContextManager[None]]
 
 _client: StatsClient | None = None
-_client_pid: int | None = None
 
 
 def metrics() -> StatsClient:
     """This process's StatsD client (UDP; one per process, so forks don't share it)."""
-    global _client, _client_pid
-    if _client is None or _client_pid != os.getpid():
+    global _client
+    client = _client
+    if client is None:
         settings = get_settings()
-        _client = StatsClient(
+        client = _client = StatsClient(
             settings.statsd_host, settings.statsd_port, prefix=settings.statsd_prefix
         )
-        _client_pid = os.getpid()
-    return _client
+    return client
+
+
+def _forget_client() -> None:
+    global _client
+    _client = None
+
+
+os.register_at_fork(after_in_child=_forget_client)
 
 
 def started(execution: Execution) -> None:
     """Log the start and time how long the job waited in its queue."""
-    logger.info(
-        "job started %s[%s] queue=%s attempt=%d args=%s",
-        execution.job_name,
-        execution.task_id,
-        execution.queue,
-        execution.attempt,
-        execution.arguments,
-        extra={**execution.fields(), "event": "start"},
-    )
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "job started %s[%s] queue=%s attempt=%d args=%s",
+            execution.job_name,
+            execution.task_id,
+            execution.queue,
+            execution.attempt,
+            execution.arguments,
+            extra={**execution.fields(), "event": "start"},
+        )
     wait = execution.queue_wait
     if wait is not None:
         metrics().timing(f"jobs.{execution.metric_name}.queue_wait", wait * 1000)
@@ -109,6 +118,17 @@ def finished(execution: Execution, outcome: str, error: BaseException | None = N
     # A failure is a WARNING here: the job then goes to the dead-letter store, whose line is
     # the one ERROR line (or, run inline, the caller gets the exception).
     level = logging.INFO if outcome == "success" else logging.WARNING
+    if logger.isEnabledFor(level):  # (its fields cost more than the check)
+        _log_finished(execution, level, outcome, duration, error)
+    client = metrics()
+    client.timing(f"jobs.{execution.metric_name}.duration", duration * 1000)
+    client.incr(f"jobs.{execution.metric_name}.{outcome}")
+    throughput.record(outcome)
+
+
+def _log_finished(
+    execution: Execution, level: int, outcome: str, duration: float, error: BaseException | None
+) -> None:
     logger.log(
         level,
         "job finished %s[%s] queue=%s attempt=%d outcome=%s duration=%.3fs%s",
@@ -126,9 +146,3 @@ def finished(execution: Execution, outcome: str, error: BaseException | None = N
             "duration": round(duration, 6),
         },
     )
-    client = metrics()
-    client.timing(f"jobs.{execution.metric_name}.duration", duration * 1000)
-    client.incr(f"jobs.{execution.metric_name}.{outcome}")
-    from app.delivery import throughput
-
-    throughput.record(outcome)
