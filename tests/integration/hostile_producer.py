@@ -10,7 +10,8 @@ below kombu's encoder, and the hypothesis strategies that generate hostile ones.
   aimed at the field: a time for an ETA, a registered job's name for a task) or deleted;
 - each envelope in one of three flavours: kombu's (a base64 body, a delivery tag of its own),
   celery-ts's (the same delivery tag "celery" for every message), and a body kept as raw JSON
-  text (no body_encoding);
+  text (no body_encoding); a base64 body's text now and then in UTF-16, UTF-32 or UTF-8 with
+  a byte-order mark, which json.loads reads and kombu does not;
 - now and then, arrays nested about as deep as Python's recursion limit, in the envelope, its
   headers or the job's arguments, or a payload of a megabyte.
 
@@ -261,6 +262,7 @@ class Recipe:
     nesting: int = 0  # arrays this deep (about Python's recursion limit, or past it)
     nested_in: str = "envelope"  # where: "envelope", "headers" or "args"
     padding: int = 0  # characters of padding in the envelope
+    text_encoding: str = "utf-8"  # how a base64 body's text is encoded
 
 
 @dataclass
@@ -309,6 +311,8 @@ def envelopes(draw: st.DrawFn) -> Recipe:
         nesting=draw(st.sampled_from([0] * 12 + [900, 950, 980, 990, 999, 1200])),
         nested_in=draw(st.sampled_from(["envelope", "headers", "args"])),
         padding=draw(st.sampled_from([0] * 15 + [1_000_000])),
+        # (json.loads reads these bytes; kombu's decoding, strict UTF-8, does not)
+        text_encoding=draw(st.sampled_from(["utf-8"] * 12 + ["utf-16", "utf-32", "utf-8-sig"])),
     )
 
 
@@ -340,9 +344,16 @@ def recipes() -> st.SearchStrategy[Recipe]:
 
 
 def envelope(
-    headers: dict[str, Any], body: Any, *, tag: str, flavour: str = "kombu", nesting: int = 0
+    headers: dict[str, Any],
+    body: Any,
+    *,
+    tag: str,
+    flavour: str = "kombu",
+    nesting: int = 0,
+    text_encoding: str = "utf-8",
 ) -> dict[str, Any]:
-    """A message as kombu's Redis transport stores it, written by hand."""
+    """A message as kombu's Redis transport stores it, written by hand (a base64 body's text
+    encoded in `text_encoding`)."""
     text = nest(json.dumps(body), nesting)
     properties: dict[str, Any] = {
         "correlation_id": headers.get("id") or (body.get("id") if isinstance(body, dict) else None),
@@ -354,7 +365,7 @@ def envelope(
     }
     if flavour != "raw-body":
         properties["body_encoding"] = "base64"
-        text = base64.b64encode(text.encode()).decode()
+        text = base64.b64encode(text.encode(text_encoding)).decode()
     return {
         "body": text,
         "content-encoding": "utf-8",
@@ -481,7 +492,14 @@ def build(recipe: Recipe, marker: str) -> Hostile:
     tag = "celery" if recipe.flavour == "celery-ts" else str(uuid.uuid4())
     message: dict[str, Any] = {
         MARKER_KEY: marker,
-        **envelope(headers, body, tag=tag, flavour=recipe.flavour, nesting=recipe.nesting),
+        **envelope(
+            headers,
+            body,
+            tag=tag,
+            flavour=recipe.flavour,
+            nesting=recipe.nesting,
+            text_encoding=recipe.text_encoding,
+        ),
     }
     for change in recipe.mutations:
         if change.where == "envelope":
@@ -534,15 +552,15 @@ def celery_eta(message: dict[str, Any]) -> float | None:
 
 
 def decoded(message: dict[str, Any]) -> Any:
-    """The body of `message` as JSON, or None."""
+    """The body of `message` as JSON, as kombu decodes it (strict UTF-8), or None."""
     body, properties = message.get("body"), message.get("properties")
     if not isinstance(body, str):
         return None
-    raw: str | bytes = body
+    text = body
     try:
         if isinstance(properties, dict) and properties.get("body_encoding") == "base64":
-            raw = base64.b64decode(body, validate=True)
-        return json.loads(raw)
+            text = base64.b64decode(body, validate=True).decode("utf-8")
+        return json.loads(text)
     except (ValueError, RecursionError):
         return None
 

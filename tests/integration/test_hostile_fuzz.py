@@ -248,6 +248,9 @@ FOUND = [
     Recipe("envelope", mutations=(Mutation("envelope", ("headers", "stamped_headers"), [[]]),)),
     # An empty ETA: Celery's request raised on it (caught, but as "the consumer raised").
     Recipe("envelope", mutations=(Mutation("envelope", ("headers", "eta"), ""),)),
+    # A body in UTF-16: json.loads read it, so it passed the checks; kombu's decoding (strict
+    # UTF-8) did not, and Celery's consumer dropped the message with only a log line.
+    Recipe("envelope", text_encoding="utf-16"),
 ]
 
 

@@ -9,19 +9,23 @@ test_hostile_fuzz.py generates such messages by the thousand; these are the name
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from kombu.connection import Connection
 from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.models import DeadLetter, InventoryAudit, Product, User
+from app.settings import redis_client_url
 from tests.integration.conftest import (
     ALL_QUEUES,
     HARNESS_WORKER,
@@ -242,3 +246,74 @@ def audits() -> int:
 
 def dead_letters() -> int:
     return int(scalar(select(func.count()).select_from(DeadLetter)))
+
+
+def raw_message(task: str, body: bytes) -> bytes:
+    """A protocol 2 message written by hand around `body`, bytes as a producer wrote them (not
+    through Python's JSON encoder): kombu's Redis envelope, the body in base64."""
+    task_id = str(uuid.uuid4())
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {**task_headers(task), "id": task_id, "root_id": task_id},
+            "properties": {
+                "correlation_id": task_id,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": "default"},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    ).encode()
+
+
+EMBED = b'{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+
+
+def test_a_job_gets_its_arguments_as_kombu_decodes_them_whatever_the_bytes(
+    services: Services, tmp_path: Path
+) -> None:
+    """The worker decodes a message's body once where that is what kombu's decoding gives
+    (app.delivery.envelope.checked_task); these bodies are where a plain json.loads would
+    differ: escapes (one spelling `__type__`), kombu's typed values, raw UTF-8, UTF-16."""
+    broker = isolated_broker(services.broker_url, 8)
+    flush_broker(broker)
+    bodies = {
+        # \\u escapes, a surrogate pair among them
+        "escaped": b'[["caf\\u00e9-\\ud83d\\ude00-esc", 3], {}, ' + EMBED + b"]",
+        # the same characters as raw UTF-8 (the body decoded once and handed on)
+        "raw": '[["café-😀-raw", 4], {}, '.encode() + EMBED + b"]",
+        # kombu's typed value: a Decimal, stored as an integer
+        "typed": b'[["typed", {"__type__": "decimal", "__value__": "5"}], {}, ' + EMBED + b"]",
+        # `__type__` spelled with an escape: kombu's decoder reads it as the typed value too
+        "typed-escaped": b'[["typed-esc", {"\\u005f_type__": "decimal", "__value__": "6"}], {}, '
+        + EMBED
+        + b"]",
+        # UTF-16: json.loads would read it; kombu decodes UTF-8, so it is malformed
+        "utf16": '[["utf16", 7], {}, {}]'.encode("utf-16"),
+    }
+    client = redis.Redis.from_url(redis_client_url(broker) or "")
+    for body in bodies.values():
+        client.lpush("default", raw_message("tests.create_product", body))
+    log = tmp_path / "worker.log"
+    expected = {"café-😀-esc": 3, "café-😀-raw": 4, "typed": 5, "typed-esc": 6}
+
+    def made() -> dict[str, int]:
+        with session_scope() as session:
+            rows = session.execute(select(Product.sku, Product.inventory)).all()
+        return {sku: inventory for sku, inventory in rows}
+
+    with celery_process(
+        [*HARNESS_WORKER, *ALL_QUEUES, "--concurrency", "1"], worker_env(services, broker), log
+    ):
+        wait_until(lambda: len(made()) == len(expected) and dead_letters() == 1, timeout=90)
+        time.sleep(0.5)  # nothing more comes
+
+    assert made() == expected
+    with session_scope() as session:
+        [letter] = session.scalars(select(DeadLetter))
+    assert letter.reason == "malformed"
+    assert letter.raw_message is not None and "utf16" not in made()

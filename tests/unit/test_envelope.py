@@ -182,10 +182,9 @@ def encoded_body(text: bytes) -> dict[str, Any]:
         # a key escaped as \u...: it could spell __type__
         (b'[[42], {"\\u005f_type__": "datetime", "__value__": "2026-01-02T03:04:05"}, {}]', False),
         (b'[["caf\\u00e9"], {}, {}]', False),
-        # UTF-16: json.loads reads it, kombu's decoding (UTF-8) does not
-        ("[[42], {}, {}]".encode("utf-16"), False),
+        ('[["café"], {}, {}]'.encode(), True),
     ],
-    ids=["plain", "kombu-typed value", "escaped key", "escaped text", "utf-16"],
+    ids=["plain", "kombu-typed value", "escaped key", "escaped text", "raw utf-8"],
 )
 def test_a_checked_body_is_handed_on_only_where_it_is_what_kombu_decodes(
     text: bytes, kept: bool
@@ -201,6 +200,26 @@ def test_a_checked_body_is_handed_on_only_where_it_is_what_kombu_decodes(
     if kept:
         assert body == kombu_json.loads(text)
         assert type(body) is list
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[[42], {}, {}]".encode("utf-16"), "the body is not UTF-8 text"),
+        ("[[42], {}, {}]".encode("utf-32"), "the body is not UTF-8 text"),
+        (b'[["\xed\xa0\x80"], {}, {}]', "the body is not UTF-8 text"),  # a lone surrogate
+        ("[[42], {}, {}]".encode("utf-8-sig"), "the body is not JSON"),  # a byte-order mark
+    ],
+    ids=["utf-16", "utf-32", "lone surrogate", "utf-8 bom"],
+)
+def test_a_body_json_loads_reads_but_kombu_does_not_is_named(text: bytes, reason: str) -> None:
+    # json.loads given these bytes decodes them; kombu's decoding (strict UTF-8, then JSON)
+    # raises, and Celery's consumer would drop the message with only a log line.
+    with pytest.raises(ValueError):
+        kombu_json.loads(text)
+    assert json.loads(text) is not None
+
+    assert checked_task(encoded_body(text), known) == (reason, None)
 
 
 def test_a_message_with_a_problem_hands_on_no_body() -> None:
