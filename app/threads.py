@@ -96,10 +96,10 @@ def prefetch_multiplier(worker: Any) -> int:
     acknowledge, fetch and hand it the next; a second message per thread is there already (as
     Dramatiq holds two per thread by default). The cost: a message arriving behind them may
     wait for up to `concurrency` held messages to start first, about one job's run."""
-    configured = int(worker.app.conf.worker_prefetch_multiplier)
-    given = int(getattr(worker, "prefetch_multiplier", configured) or configured)
-    if given != configured:
-        return given
+    configured = worker.app.conf.worker_prefetch_multiplier
+    given = getattr(worker, "prefetch_multiplier", None)
+    if given is not None and int(given) != int(configured):
+        return int(given)  # (0 included: Celery's "no limit")
     return get_settings().threads_prefetch
 
 

@@ -34,4 +34,5 @@ def test_threads_prefetch_sets_it_when_the_worker_has_the_configured_multiplier(
 @pytest.mark.usefixtures("threads_prefetch")
 def test_a_multiplier_given_to_the_worker_wins() -> None:
     assert threads.prefetch_multiplier(worker(5)) == 5
+    assert threads.prefetch_multiplier(worker(0)) == 0  # Celery's "no limit"
     assert threads.prefetch_multiplier(worker(4, configured=4)) == 3
