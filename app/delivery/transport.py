@@ -156,8 +156,9 @@ class QoS(kombu_redis.QoS):
 
     def append(self, message: Any, delivery_tag: str) -> None:
         channel: Channel = self.channel
-        if channel._recorded_tag is not None and channel._recorded_tag == delivery_tag:
-            channel._recorded_tag = None
+        recorded = channel._recorded
+        if recorded is not None and recorded[0] == delivery_tag:
+            channel._recorded = None
             self._owned.add(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)  # the in-memory bookkeeping only
         else:
@@ -227,10 +228,10 @@ class Message(virtual.Message):
 
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
         super().__init__(payload, channel=channel, **kwargs)
-        checked: tuple[str, Any] | None = getattr(channel, "_checked_body", None)
-        self.checked = checked is not None and checked[0] == self.delivery_tag
-        if checked is not None and self.checked:
-            self._decoded_cache = checked[1]
+        recorded: tuple[str, Any] | None = getattr(channel, "_recorded", None)
+        self.checked = False
+        if recorded is not None and recorded[0] == self.delivery_tag and recorded[1] is not None:
+            self.checked, self._decoded_cache = True, recorded[1]
 
 
 class Channel(kombu_redis.Channel):
@@ -280,8 +281,9 @@ class Channel(kombu_redis.Channel):
     wait_timeout = DEFAULT_WAIT_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._recorded_tag: str | None = None
-        self._checked_body: tuple[str, Any] | None = None  # (tag, body) for Message
+        # The delivery being handed to the consumer: its tag (recorded by the fetch script,
+        # for QoS.append) and its body as the checks decoded it (or None, for Message).
+        self._recorded: tuple[str, Any] | None = None
         self._idle = False  # the last fetch found every queue empty: wait before the next
         self._pending: str | None = None  # "fetch" or "wait": the command whose reply is due
         self._fetch_keys: list[tuple[str, str]] = []  # (list key, queue delivered as)
@@ -751,8 +753,7 @@ class Channel(kombu_redis.Channel):
         if outcome != _RECORDED:
             self.connection._deliver(payload, queue)
             return
-        self._recorded_tag = tag
-        self._checked_body = (tag, body) if body is not None else None
+        self._recorded = (tag, body)
         try:
             self.connection._deliver(payload, queue)
         except self.connection_errors:
@@ -765,7 +766,7 @@ class Channel(kombu_redis.Channel):
             self.quarantine(tag, queue, f"the consumer raised {type(exc).__name__}: {exc}")
             self.qos._delivered.pop(tag, None)
         finally:
-            self._recorded_tag = self._checked_body = None
+            self._recorded = None
 
     def _redis_now(self) -> float:
         """Redis's clock as this process last measured it (the poller's clock)."""
