@@ -179,15 +179,16 @@ def test_a_killed_threads_worker_loses_nothing_and_doubles_nothing(
         }
 
         def mid_job() -> bool:
-            """Some ran, and eight held deliveries are jobs still sleeping (not yet committed).
-            A job that has committed but not yet been acknowledged would rightly run again
-            after the kill (at least once), and fail on its sku: the first batch of eight
-            commits together, so "eight products and eight held" alone can catch that window."""
+            """Some ran, eight held deliveries are jobs not yet committed, and no held one has
+            committed. A job that has committed but not yet been acknowledged would rightly
+            run again after the kill (at least once), and fail on its sku. The worker holds
+            two messages per thread, so "eight held not done" can be the eight waiting ones
+            while a running one sits in that window: it must be ruled out itself."""
+            records: Any = client.hvals("unacked")  # (before the products: a job committing
+            held = b"".join(records)  # in between shows in both, and is ruled out)
             done = set(products("tk-"))
-            records: Any = client.hvals("unacked")
-            held = b"".join(records)
-            sleeping = [s for s, i in ids.items() if i.encode() in held and s not in done]
-            return len(done) >= 8 and len(sleeping) >= 8
+            held_ids = {s for s, i in ids.items() if i.encode() in held}
+            return len(done) >= 8 and len(held_ids - done) >= 8 and not held_ids & done
 
         wait_until(mid_job, timeout=60, every=0.05)
         os.killpg(doomed.pid, signal.SIGKILL)
