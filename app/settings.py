@@ -85,6 +85,7 @@ class Settings:
     sentinel_master: str | None = None
     wait_replicas: int = 0
     threads_prefetch: int = 2
+    statsd_flush_interval: float = 1.0
 
     def redacted(self) -> dict[str, str]:
         """The settings as strings fit for a log line: passwords hidden."""
@@ -336,6 +337,22 @@ def _bounded(name: str, raw: str, default: float, least: float) -> float:
     return value
 
 
+def _flush_interval(raw: str) -> float:
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60:
+        raise ConfigError(
+            "STATSD_FLUSH_INTERVAL",
+            "a number of seconds from 0 (a datagram a metric, unbatched) to 60",
+            raw,
+        )
+    return value
+
+
 def _count(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -416,6 +433,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sentinel_master=_sentinel_master(env, checked_broker),
         wait_replicas=_wait_replicas(env, checked_broker),
         threads_prefetch=_count(env, "THREADS_PREFETCH", 2),
+        statsd_flush_interval=_flush_interval(env.get("STATSD_FLUSH_INTERVAL", "").strip()),
     )
 
 

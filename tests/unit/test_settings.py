@@ -49,6 +49,7 @@ def test_values_are_read_from_the_environment() -> None:
             "LOG_LEVEL": "debug",
             "APP_STATE_DIR": "/var/lib/jobs",
             "THREADS_PREFETCH": "1",
+            "STATSD_FLUSH_INTERVAL": "0.25",
         }
     )
 
@@ -65,6 +66,12 @@ def test_values_are_read_from_the_environment() -> None:
     assert (settings.log_format, settings.log_level) == ("json", "DEBUG")
     assert settings.state_dir == Path("/var/lib/jobs")
     assert settings.threads_prefetch == 1
+    assert settings.statsd_flush_interval == 0.25
+
+
+def test_statsd_batches_a_second_by_default_and_zero_sends_each_metric_alone() -> None:
+    assert load_settings({}).statsd_flush_interval == 1.0
+    assert load_settings({"STATSD_FLUSH_INTERVAL": "0"}).statsd_flush_interval == 0.0
 
 
 def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
@@ -98,6 +105,10 @@ def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
         ("PAYMENT_GATEWAY_RATE", "0", "a whole number from 1 to 1000"),
         ("THREADS_PREFETCH", "0", "a whole number from 1 to 1000"),
         ("THREADS_PREFETCH", "two", "a whole number from 1 to 1000"),
+        ("STATSD_FLUSH_INTERVAL", "-1", "a number of seconds from 0"),
+        ("STATSD_FLUSH_INTERVAL", "61", "a number of seconds from 0"),
+        ("STATSD_FLUSH_INTERVAL", "nan", "a number of seconds from 0"),
+        ("STATSD_FLUSH_INTERVAL", "soon", "a number of seconds from 0"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(
