@@ -32,6 +32,7 @@ import ctypes
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,25 +120,36 @@ def _limit(request_value: Any, task_value: Any, default: Any) -> float | None:
     return None
 
 
+#: Each app's configured (soft, hard) limits, read once: a lookup in Celery's configuration
+#: costs more than the rest of a job's start here.
+_configured_limits: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _configured(app: Any) -> tuple[Any, Any]:
+    limits = _configured_limits.get(app)
+    if limits is None:
+        conf = app.conf
+        limits = _configured_limits[app] = (conf.task_soft_time_limit, conf.task_time_limit)
+    return limits
+
+
 def job_started(task_id: str = "", task: Any = None, **_: Any) -> None:
     """`task_prerun`, in the job's thread: note its deadlines (only while a watchdog runs)."""
     if _watchdog is None or task is None:
         return
-    hard, soft = (getattr(task.request, "timelimit", None) or (None, None))[:2]
-    conf = task.app.conf
-    soft = _limit(soft, task.soft_time_limit, conf.task_soft_time_limit)
-    hard = _limit(hard, task.time_limit, conf.task_time_limit)
-    now = time.monotonic()
     ident = threading.get_ident()
+    if ident in _running:  # a task run inline inside a job: the outer job's limits hold
+        return  # (only this thread adds or removes its own entry)
+    hard, soft = (getattr(task.request, "timelimit", None) or (None, None))[:2]
+    soft_default, hard_default = _configured(task.app)
+    soft = _limit(soft, task.soft_time_limit, soft_default)
+    hard = _limit(hard, task.time_limit, hard_default)
+    now = time.monotonic()
+    deadlines = _Deadlines(
+        task_id, task.name, now + soft if soft else None, now + hard if hard else None
+    )
     with _lock:
-        if ident in _running:  # a task run inline inside a job: the outer job's limits hold
-            return
-        _running[ident] = _Deadlines(
-            task_id,
-            task.name,
-            now + soft if soft else None,
-            now + hard if hard else None,
-        )
+        _running[ident] = deadlines
 
 
 def job_finished(task_id: str = "", **_: Any) -> None:
