@@ -279,22 +279,23 @@ class Job(Task):  # type: ignore[misc]
         instrumentation.started(execution)
         batch_token = _batches().current_batch.set(batch)
         try:
-            with ExitStack() as hooks:
-                for hook in self.around_perform:
-                    hooks.enter_context(hook(execution))
-                if self.continuable:
-                    hooks.enter_context(
-                        continuations.running(
-                            self.name,
-                            execution.task_id,
-                            self.max_resumptions,
-                            lambda: self._requeue(args, kwargs),
-                            self._time_slice(),
+            if self.around_perform or self.continuable:
+                with ExitStack() as hooks:
+                    for hook in self.around_perform:
+                        hooks.enter_context(hook(execution))
+                    if self.continuable:
+                        hooks.enter_context(
+                            continuations.running(
+                                self.name,
+                                execution.task_id,
+                                self.max_resumptions,
+                                lambda: self._requeue(args, kwargs),
+                                self._time_slice(),
+                            )
                         )
-                    )
-                check_size(args, kwargs)
-                bind_arguments(self.run, args, kwargs)
-                result = super().__call__(*args, **kwargs)
+                    result = self._perform(args, kwargs)
+            else:
+                result = self._perform(args, kwargs)
             # Counted in its batch before the message is acknowledged; a database error here
             # retries the job (idempotent), so the count is never lost.
             _batch_member_done(batch, request)
@@ -308,6 +309,11 @@ class Job(Task):  # type: ignore[misc]
             _batches().current_batch.reset(batch_token)
         instrumentation.finished(execution, "success")
         return result
+
+    def _perform(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        check_size(args, kwargs)
+        bind_arguments(self.run, args, kwargs)
+        return super().__call__(*args, **kwargs)
 
     def _rescue(
         self, error: Exception, execution: Execution, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -705,10 +711,16 @@ def route_by_queue_as(
 # Batches (app.jobs.batches) -------------------------------------------------------------------
 
 
-def _batches() -> Any:
-    from app.jobs import batches
+_batches_module: Any = None
 
-    return batches
+
+def _batches() -> Any:
+    global _batches_module
+    if _batches_module is None:  # (imported late: app.jobs.batches imports this module)
+        from app.jobs import batches
+
+        _batches_module = batches
+    return _batches_module
 
 
 def _batch_collects(prepared: Sequence[Prepared]) -> bool:
