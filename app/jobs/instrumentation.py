@@ -5,8 +5,8 @@ STATSD_PREFIX): `jobs.<name>.duration` and `jobs.<name>.queue_wait` (timings, ms
 `jobs.<name>.success|failure|retry|discard` (counters), where <name> is the job's name
 without its `jobs.` prefix.
 
-A process's metrics leave in batches (`BufferedStatsClient`): a job records three, and one
-UDP datagram each cost a job more than its log lines.
+A process's metrics leave in batches (`BufferedStatsClient`): a job records three, and a UDP
+datagram each cost the threads pool about 4% of its no-op rate (bench peers, beside Dramatiq).
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ class BufferedStatsClient(StatsClient):  # type: ignore[misc]
         self._closed = threading.Event()
 
     def _send(self, data: str) -> None:
+        if not data.isascii():  # it would fail the whole datagram, in another job's thread
+            logger.warning("StatsD line dropped, not ASCII: %r", data[:200])
+            return
         self._lines.append(data)
         if len(self._lines) >= self.batch:
             self.flush()
@@ -114,7 +117,7 @@ class BufferedStatsClient(StatsClient):  # type: ignore[misc]
 
     def flush(self) -> None:
         """Send every line held, packed into as few datagrams as fit."""
-        lines, send = self._lines, super()._send
+        lines, send = self._lines, super()._send  # (which drops socket errors)
         packet: list[str] = []
         size = 0
         while True:

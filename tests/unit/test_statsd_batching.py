@@ -146,3 +146,17 @@ def test_a_forked_child_makes_its_own_client(monkeypatch: pytest.MonkeyPatch) ->
     os.waitpid(pid, 0)
     assert answer == b"new"
     assert instrumentation.metrics() is parent
+
+
+def test_a_line_that_is_not_ascii_is_dropped_with_a_warning_not_raised(
+    sink: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = BufferedStatsClient("127.0.0.1", sink.getsockname()[1], None, interval=60)
+    client.incr("before")
+    client.incr("caf\u00e9")  # (it would fail the datagram, in a job's thread or the flusher)
+    client.incr("after")
+    client.flush()
+    datagrams = received(sink)
+    client.close()
+    assert datagrams == [b"before:1|c\nafter:1|c"]
+    assert "not ASCII" in caplog.text
