@@ -101,9 +101,10 @@ class BufferedStatsClient(StatsClient):  # type: ignore[misc]
         super().__init__(host, port, prefix=prefix, maxudpsize=maxudpsize)
         self.interval, self.batch = interval, batch
         self._lines: deque[str] = deque()  # (appends and pops are atomic: no lock)
-        self._flusher: threading.Thread | None = None
-        self._starting = threading.Lock()
         self._closed = threading.Event()
+        threading.Thread(
+            target=self._flush_every_interval, name="statsd-flush", daemon=True
+        ).start()  # (a client is made on a process's first metric, and anew in a forked child)
 
     def _send(self, data: str) -> None:
         if not data.isascii():  # it would fail the whole datagram, in another job's thread
@@ -112,8 +113,6 @@ class BufferedStatsClient(StatsClient):  # type: ignore[misc]
         self._lines.append(data)
         if len(self._lines) >= self.batch:
             self.flush()
-        if self._flusher is None:
-            self._start_flusher()
 
     def flush(self) -> None:
         """Send every line held, packed into as few datagrams as fit."""
@@ -137,14 +136,6 @@ class BufferedStatsClient(StatsClient):  # type: ignore[misc]
         self._closed.set()
         self.flush()
         super().close()
-
-    def _start_flusher(self) -> None:
-        with self._starting:
-            if self._flusher is None:
-                self._flusher = threading.Thread(
-                    target=self._flush_every_interval, name="statsd-flush", daemon=True
-                )
-                self._flusher.start()
 
     def _flush_every_interval(self) -> None:
         while not self._closed.wait(self.interval):
