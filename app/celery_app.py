@@ -7,7 +7,8 @@ from typing import Any
 from celery import Celery, signals
 
 from app import (
-    logs,  # noqa: F401  (connects the log set-up and job-context signals)
+    logs,  # noqa: F401  (connects the log set-up signals)
+    running,
     shutdown,
     threads,
 )
@@ -51,5 +52,6 @@ signals.worker_process_shutdown.connect(throughput.flush, weak=False)
 signals.worker_shutdown.connect(throughput.flush, weak=False)
 # The threads pool: its database pool sized to its threads, and time limits by watchdog.
 signals.worker_init.connect(threads.configure, weak=False)
-signals.task_prerun.connect(threads.job_started, weak=False)
-signals.task_postrun.connect(threads.job_finished, weak=False)
+# A job's log context and deadlines are noted by the app's task classes (app.running); the
+# task_prerun / task_postrun signals only for a task of another class.
+signals.worker_init.connect(running.connect_signals_if_needed, weak=False)

@@ -110,17 +110,17 @@ def _task_logger_set_up(logger: logging.Logger, **_: Any) -> None:
     configure(logger)
 
 
-@signals.task_prerun.connect
-def _job_starts(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    request = getattr(task, "request", None)
+def note_job(name: str, task_id: str, request: Any) -> None:
+    """A job starts in this thread (`app.running`): its lines carry its name, task id and the
+    correlation id its caller passed."""
     correlation = getattr(request, CORRELATION_HEADER, None) or (
         (getattr(request, "headers", None) or {}).get(CORRELATION_HEADER)
     )
     current_correlation_id.set(str(correlation) if correlation else None)
-    _current_job.set((getattr(task, "name", "?"), task_id or ""))
+    _current_job.set((name, task_id))
 
 
-@signals.task_postrun.connect
-def _job_ends(**_: Any) -> None:
+def forget_job() -> None:
+    """The job's outcome is logged (`app.running`): this thread's lines are no job's."""
     current_correlation_id.set(None)
     _current_job.set(None)

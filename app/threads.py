@@ -23,7 +23,8 @@ the service adds to Celery's own pool, so that the guarantees are prefork's:
   process's, whatever the pool: a worker killed mid-job is recovered by heartbeat as on
   prefork, and a warm shutdown lets running jobs finish and returns the rest to their queues.
 
-Connected to `worker_init` (`configure`) and to `task_prerun` / `task_postrun`.
+Connected to `worker_init` (`configure`); `job_started` / `job_finished` are called as a job's
+`__call__` starts and ends (`app.running`).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def _configured(app: Any) -> tuple[Any, Any]:
 
 
 def job_started(task_id: str = "", task: Any = None, **_: Any) -> None:
-    """`task_prerun`, in the job's thread: note its deadlines (only while a watchdog runs)."""
+    """A job starts in its thread (`app.running`): note its deadlines (only while a watchdog
+    runs)."""
     if _watchdog is None or task is None:
         return
     ident = threading.get_ident()
@@ -153,8 +155,9 @@ def job_started(task_id: str = "", task: Any = None, **_: Any) -> None:
 
 
 def job_finished(task_id: str = "", **_: Any) -> None:
-    """`task_postrun`, in the job's thread: forget its deadlines, and any limit exception the
-    watchdog raised that has not reached it yet (it must not hit the worker's own code)."""
+    """A job's `__call__` ends in its thread (`app.running`): forget its deadlines, and any
+    limit exception the watchdog raised that has not reached it yet (it must not hit the
+    worker's own code)."""
     if _watchdog is None:
         return
     ident = threading.get_ident()

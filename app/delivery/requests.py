@@ -14,6 +14,8 @@ from celery import Task as CeleryTask
 from celery.exceptions import WorkerLostError
 from celery.worker.request import Request as CeleryRequest
 
+from app import running
+
 
 class Request(CeleryRequest):  # type: ignore[misc]
     """A request whose requeue after WorkerLostError counts as a death of its message.
@@ -41,10 +43,28 @@ class Request(CeleryRequest):  # type: ignore[misc]
             died = getattr(qos, "died", None)
             if died is not None:
                 died(self._message.delivery_tag)
-        return super().on_failure(exc_info, send_failed_event, return_ok)
+        try:
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        finally:
+            # A retry, reject or ignore ends here (after_return is not called for them): in
+            # the job's thread on the solo and threads pools, the job's log context goes.
+            running.outcome_logged()
 
 
 class Task(CeleryTask):  # type: ignore[misc]
-    """The app's base task: Celery's, with the request above."""
+    """The app's base task: Celery's, with the request above, noting its log context and
+    deadlines itself (app.running)."""
 
     Request = f"{__name__}:Request"
+    notes_running = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        entered = running.enter(self, request)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            running.leave(entered, request.is_eager)
+
+    def after_return(self, *args: Any, **kwargs: Any) -> None:
+        running.outcome_logged()

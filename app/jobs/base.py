@@ -44,6 +44,7 @@ from kombu.utils import json as kombu_json
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from app import running
 from app.celery_app import celery_app
 from app.db import after_commit, after_rollback, get_engine, open_session, session_scope
 from app.delivery import flow, outbox, rabbitmq
@@ -261,8 +262,18 @@ class Job(Task):  # type: ignore[misc]
 
     # Executing -------------------------------------------------------------------------------
 
+    #: Notes its own log context and deadlines (app.running), instead of Celery's signals.
+    notes_running = True
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
+        entered = running.enter(self, request)
+        try:
+            return self._execute(request, args, kwargs)
+        finally:
+            running.leave(entered, request.is_eager)
+
+    def _execute(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         batch = _batch_of(request)
         if self.expires_in is not None and not request.is_eager and _expired(self, request):
             self._skip_expired(args, kwargs)
@@ -402,13 +413,16 @@ class Job(Task):  # type: ignore[misc]
         self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         """Celery's hook after a run that succeeded or failed for good (not a retry): the job's
-        unique key, if it holds one, is released."""
-        request = self.request
-        if request.is_eager or status not in (states.SUCCESS, states.FAILURE):
-            return
-        key = _header(request, UNIQUE_HEADER)
-        if isinstance(key, str) and request.id:
-            _release_unique_key(key, request.id)
+        unique key, if it holds one, is released; then its log context (app.running)."""
+        try:
+            request = self.request
+            if request.is_eager or status not in (states.SUCCESS, states.FAILURE):
+                return
+            key = _header(request, UNIQUE_HEADER)
+            if isinstance(key, str) and request.id:
+                _release_unique_key(key, request.id)
+        finally:
+            running.outcome_logged()
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any

@@ -1,5 +1,5 @@
 """LOG_FORMAT=json on a real worker: every line a JSON object; the caller's correlation id in
-every line the job and the jobs it enqueues write."""
+every line the job and the jobs it enqueues write, Celery's own lines about them included."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def test_json_lines_carry_the_callers_correlation_id_through_enqueued_jobs(
     ]
     assert {line["job"] for line in in_jobs} == {"jobs.process_order", "jobs.send_email"}
     assert all(line.get("correlation_id") == "checkout-7f3a" for line in in_jobs), in_jobs
+    # Celery's own line after the job's body returned carries the job's fields too.
+    succeeded = [line for line in lines if " succeeded in " in line["message"]]
+    assert {line.get("job") for line in succeeded} == {"jobs.process_order", "jobs.send_email"}
+    assert all(line.get("correlation_id") == "checkout-7f3a" for line in succeeded), succeeded
     finished = [line for line in in_jobs if line.get("event") == "finish"]
     assert {(line["job"], line["outcome"]) for line in finished} == {
         ("jobs.process_order", "success"),
