@@ -269,11 +269,15 @@ class Job(Task):  # type: ignore[misc]
         request = self.request
         entered = running.enter(self, request)
         try:
-            return self._execute(request, args, kwargs)
+            # Run by Celery's tracer (not called inline): its request is on the stack already.
+            traced = entered and request.called_directly is False
+            return self._execute(request, args, kwargs, traced)
         finally:
             running.leave(entered, request.is_eager)
 
-    def _execute(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _execute(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool = False
+    ) -> Any:
         batch = _batch_of(request)
         if self.expires_in is not None and not request.is_eager and _expired(self, request):
             self._skip_expired(args, kwargs)
@@ -304,9 +308,9 @@ class Job(Task):  # type: ignore[misc]
                                 self._time_slice(),
                             )
                         )
-                    result = self._perform(args, kwargs)
+                    result = self._perform(args, kwargs, traced)
             else:
-                result = self._perform(args, kwargs)
+                result = self._perform(args, kwargs, traced)
             # Counted in its batch before the message is acknowledged; a database error here
             # retries the job (idempotent), so the count is never lost.
             _batch_member_done(batch, request)
@@ -321,9 +325,11 @@ class Job(Task):  # type: ignore[misc]
         instrumentation.finished(execution, "success")
         return result
 
-    def _perform(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _perform(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> Any:
         check_size(args, kwargs)
         bind_arguments(self.run, args, kwargs)
+        if traced:  # as Celery's tracer runs a task without a __call__ of its own: no second
+            return self.run(*args, **kwargs)  # copy of the request pushed
         return super().__call__(*args, **kwargs)
 
     def _rescue(
