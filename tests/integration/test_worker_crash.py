@@ -194,7 +194,9 @@ def run_with_kills(
     """Run a worker (and a `companion` never killed), apply the kill steps 2.5 s apart, then
     kill the worker once more, start its replacement at once and let it all drain."""
     worker = CrashingWorker(worker_env(services, broker), log)
-    other = CrashingWorker(worker_env(services, broker), log.with_name("companion.log"))
+    other = CrashingWorker(
+        worker_env(services, broker), log.with_name("companion.log"), name="companion"
+    )
     kills = Counter[str]()
     client = redis.Redis.from_url(redis_client_url(broker) or "")
     _last_progress.clear()
@@ -268,7 +270,12 @@ def effects(scenario: Scenario, smtp: SmtpServer, gateway: GatewaySimulator) -> 
     sent = count_where(EmailDelivery.status == "sent")
     message_ids = Counter(str(m.message["Message-ID"]) for m in smtp.messages)
     assert len(message_ids) == sent  # one message per delivery key
-    assert scalar(select(func.count()).select_from(DeadLetter)) == 0
+    with session_scope() as session:
+        dead = [
+            (d.reason, d.job_name, d.attempts, d.error_message)
+            for d in session.scalars(select(DeadLetter))
+        ]
+    assert dead == []
     return {
         "inventory": audits("inv-%"),
         "orders": processed,
