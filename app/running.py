@@ -3,9 +3,8 @@ pool, its deadlines for the time-limit watchdog (`app.threads`).
 
 The app's task classes note them themselves (`app.jobs.base.Job` and
 `app.delivery.requests.Task`), not Celery's `task_prerun` / `task_postrun` signals: with a
-receiver connected, Celery dispatches both signals around every job, and on a threads worker's
-no-op that dispatch was the largest cost left of the service's own (BENCHMARKS.md, "The hot
-path, eighth run").
+receiver connected, Celery dispatches both signals around every job (about 9 us of a no-op's
+59 us trace in one process; BENCHMARKS.md, "The hot path, eighth run").
 
 - **Entering**, at the top of the task's `__call__`, in the job's thread: the job's name, task
   id and correlation id for its log lines, and its deadlines. A task called inline inside a
@@ -45,9 +44,9 @@ def enter(task: Any, request: Any) -> bool:
     if ident in _entered:
         return False
     task_id = request.id or ""
-    _entered[ident] = task_id
     logs.note_job(task.name, task_id, request)
     threads.job_started(task_id, task)
+    _entered[ident] = task_id  # (last: a note that raised leaves nothing entered)
     return True
 
 
@@ -55,10 +54,13 @@ def leave(entered: bool, eager: bool) -> None:
     """The job's `__call__` ends: forget its deadlines (and its log context, when eager)."""
     if not entered:
         return
-    task_id = _entered.pop(_get_ident(), "")
-    threads.job_finished(task_id)
-    if eager:
-        logs.forget_job()
+    ident = _get_ident()
+    try:
+        threads.job_finished(_entered.get(ident, ""))
+    finally:  # (a limit exception arriving here still leaves the thread free for its next job)
+        _entered.pop(ident, None)
+        if eager:
+            logs.forget_job()
 
 
 def outcome_logged() -> None:

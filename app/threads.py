@@ -139,9 +139,9 @@ def job_started(task_id: str = "", task: Any = None, **_: Any) -> None:
     runs)."""
     if _watchdog is None or task is None:
         return
+    # (A task run inline inside a job does not come here: app.running keeps the outer job's
+    # limits. An entry left by a job whose end was cut short is replaced.)
     ident = threading.get_ident()
-    if ident in _running:  # a task run inline inside a job: the outer job's limits hold
-        return  # (only this thread adds or removes its own entry)
     hard, soft = (getattr(task.request, "timelimit", None) or (None, None))[:2]
     soft_default, hard_default = _configured(task.app)
     soft = _limit(soft, task.soft_time_limit, soft_default)

@@ -128,3 +128,37 @@ def test_the_signals_are_connected_only_for_a_task_of_another_class() -> None:
         signals.task_postrun.disconnect(dispatch_uid="running-postrun")
     _context("caller")
     assert SEEN == [("foreign", "tests.running_foreign", None), ("caller", None, None)]
+
+
+def test_a_limit_exception_at_the_end_of_a_job_leaves_its_thread_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog's exception can arrive as the job's call ends: the thread's next job is
+    still noted as its own, not taken for an inline call inside a job that never ends."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def cut_short(task_id: str = "", **_: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(threads, "_watchdog", threading.current_thread())  # "a watchdog runs"
+    ident = threading.get_ident()
+    request = SimpleNamespace(id="t-3", is_eager=False, headers={})
+    entered = running.enter(outer, request)
+    finish = threads.job_finished
+    monkeypatch.setattr(threads, "job_finished", cut_short)
+    with pytest.raises(SoftTimeLimitExceeded):
+        running.leave(entered, eager=False)
+    monkeypatch.setattr(threads, "job_finished", finish)
+    running.outcome_logged()
+    assert running._entered == {}
+    assert threads._running[ident].task_id == "t-3"  # its deadlines were not forgotten
+
+    next_job = SimpleNamespace(id="t-4", is_eager=False, headers={})
+    assert running.enter(inner, next_job) is True
+    _context("next job")
+    noted = threads._running[ident]
+    running.leave(True, eager=False)
+    running.outcome_logged()
+    assert SEEN == [("next job", "jobs.test_running_inner", None)]
+    assert noted.task_id == "t-4"  # the next job's deadlines replace the stale ones
+    assert ident not in threads._running
