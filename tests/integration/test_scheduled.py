@@ -296,12 +296,16 @@ def test_a_job_revoked_or_deleted_before_it_is_due_never_runs(
     flush_broker(broker)
     client = client_for(broker)
     with workers(worker_env(services, broker), tmp_path, 1):
+        # A revoke is a broadcast: a worker not yet listening to its control channel misses
+        # it (as it missed one in a CI run). A ping answered says it listens.
+        control = producer_for(broker).control
+        wait_until(lambda: control.ping(timeout=1.0), timeout=30)
         with job_producer(broker) as producer:
             revoked, deleted, kept = (
                 record_run.apply_async([token], countdown=5, producer=producer)
                 for token in ("revoked", "deleted", "kept")
             )
-        producer_for(broker).control.revoke(revoked.id)
+        control.revoke(revoked.id)
         wait_until(lambda: waiting(client) == 2, timeout=10)
         shown = run_cli(services, "scheduled", "list", "--json", broker=broker)
         assert shown.returncode == 0, shown.stderr
