@@ -18,7 +18,7 @@ from functools import cache
 from celery.schedules import crontab
 from kombu.entity import Queue
 
-from app.delivery import rabbitmq, transport
+from app.delivery import rabbitmq, results, transport
 from app.settings import (
     QUEUES,
     ConfigError,
@@ -64,7 +64,8 @@ def _broker_settings() -> dict[str, object]:
     return {
         "broker_url": url,
         "broker_transport": transport_name,
-        "result_backend": _settings.result_backend or configured_broker,
+        # Celery's Redis backend storing a result in one round trip (app.delivery.results).
+        "result_backend": results.backend_url(_settings.result_backend or configured_broker),
         # Without Redis (a RabbitMQ broker and no BEAT_REDIS_URL) beat keeps Celery's default.
         "beat_scheduler": (
             "redbeat.RedBeatScheduler"
