@@ -6,9 +6,9 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -57,41 +57,50 @@ def deliver_email(
     The delivery row is locked while the message is sent, so two copies of the job cannot
     both send it: the second waits, then finds it sent. Transient failures propagate and roll
     the row back, so the retry starts afresh.
+
+    Claiming the key is one statement: the row is inserted (from the user's row, for a user's
+    email) or, already there and pending, locked, and what the send needs comes back. Only a
+    key already settled, or a user not found, takes a second statement to tell which.
     """
     if email_type not in mailer.EMAIL_TYPES:
         raise mailer.UnknownEmailType(
             f"unknown email type {email_type!r}; known: {', '.join(mailer.EMAIL_TYPES)}"
         )
+    row = {"user_id": user_id, "email_type": email_type, "idempotency_key": idempotency_key}
     if user_id is not None:
-        address = session.scalar(select(User.email).where(User.id == user_id))
-        if address is None:
-            raise UserNotFound(user_id)
-        recipients: Sequence[str] = [address]
+        recipient: Any = _USERS.c.email
+        source = select(*(literal(v) for v in row.values()), recipient).where(
+            _USERS.c.id == user_id
+        )
+        claim = insert(_DELIVERIES).from_select([*row, "recipient"], source)
     else:
         recipients = list(context.get("to") or default_recipients)
         if not recipients:
             raise NoRecipients(f"{email_type} email has no recipients")
-    session.execute(
-        insert(EmailDelivery)
-        .values(
-            user_id=user_id,
-            email_type=email_type,
-            idempotency_key=idempotency_key,
-            recipient=", ".join(recipients),
-        )
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-    )
-    delivery = session.scalar(
-        select(EmailDelivery)
-        .where(EmailDelivery.idempotency_key == idempotency_key)
-        .with_for_update()
-    )
-    assert delivery is not None
-    if delivery.status != "pending":
-        return DeliveryOutcome(delivery.id, delivery.status, sent=False)
+        claim = insert(_DELIVERIES).values(**row, recipient=", ".join(recipients))
+    claimed = session.execute(
+        claim.on_conflict_do_update(
+            index_elements=["idempotency_key"],
+            # Touching the row takes its lock (waiting for a copy that holds it); a settled
+            # key is left untouched and comes back as no row.
+            set_={"idempotency_key": claim.excluded.idempotency_key},
+            where=_DELIVERIES.c.status == "pending",
+        ).returning(_DELIVERIES.c.id, _DELIVERIES.c.recipient)
+    ).one_or_none()
+    if claimed is None:
+        settled = session.execute(
+            select(_DELIVERIES.c.id, _DELIVERIES.c.status).where(
+                _DELIVERIES.c.idempotency_key == idempotency_key
+            )
+        ).one_or_none()
+        if settled is None:  # nothing inserted: the user's row is not there
+            assert user_id is not None
+            raise UserNotFound(user_id)
+        return DeliveryOutcome(settled.id, settled.status, sent=False)
+    delivery_id, to = claimed
     message = mailer.render(
         email_type,
-        to=", ".join(recipients),
+        to=to,
         sender=sender,
         context=context,
         message_id_key=idempotency_key,
@@ -99,9 +108,17 @@ def deliver_email(
     try:
         transport(message)
     except PermanentMailError as exc:
-        delivery.status, delivery.error = "failed", str(exc)
-        session.flush()
-        return DeliveryOutcome(delivery.id, delivery.status, sent=False, failure=exc)
-    delivery.status, delivery.sent_at = "sent", dt.datetime.now(dt.UTC)
-    session.flush()
-    return DeliveryOutcome(delivery.id, delivery.status, sent=True)
+        _settle(session, delivery_id, status="failed", error=str(exc))
+        return DeliveryOutcome(delivery_id, "failed", sent=False, failure=exc)
+    _settle(session, delivery_id, status="sent", sent_at=dt.datetime.now(dt.UTC))
+    return DeliveryOutcome(delivery_id, "sent", sent=True)
+
+
+#: The tables, for statements that return columns rather than loading ORM objects (two
+#: statements a send, the same for every email).
+_DELIVERIES = cast(Table, EmailDelivery.__table__)
+_USERS = cast(Table, User.__table__)
+
+
+def _settle(session: Session, delivery_id: int, **values: Any) -> None:
+    session.execute(update(_DELIVERIES).where(_DELIVERIES.c.id == delivery_id).values(**values))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Order, Payment
@@ -49,30 +50,41 @@ def process_payment(
     Timeouts and gateway failures propagate: the payment stays pending for the retry.
     """
     row = session.execute(
-        select(Payment, Order.user_id)
-        .join(Order, Order.id == Payment.order_id)
-        .where(Payment.id == payment_id)
-        .with_for_update(of=Payment)
+        select(
+            _PAYMENTS.c.status,
+            _PAYMENTS.c.amount,
+            _PAYMENTS.c.card_token,
+            _PAYMENTS.c.idempotency_key,
+            _ORDERS.c.user_id,
+        )
+        .join_from(_PAYMENTS, _ORDERS, _ORDERS.c.id == _PAYMENTS.c.order_id)
+        .where(_PAYMENTS.c.id == payment_id)
+        .with_for_update(of=_PAYMENTS)
     ).one_or_none()
     if row is None:
         raise PaymentNotFound(payment_id)
-    payment, user_id = row
-    if payment.status != "pending":
-        return PaymentOutcome(payment.id, user_id, payment.amount, payment.status, False)
+    if row.status != "pending":
+        return PaymentOutcome(payment_id, row.user_id, row.amount, row.status, False)
     declined: PaymentDeclined | None = None
+    settled: dict[str, Any] = {}
     try:
         charge = gateway.charge(
-            idempotency_key=payment.idempotency_key,
-            amount=payment.amount,
-            card_token=payment.card_token,
+            idempotency_key=row.idempotency_key,
+            amount=row.amount,
+            card_token=row.card_token,
         )
     except InsufficientFunds as exc:
-        payment.status, declined = "insufficient_funds", exc
+        settled["status"], declined = "insufficient_funds", exc
     except CardExpired as exc:
-        payment.status, declined = "card_expired", exc
+        settled["status"], declined = "card_expired", exc
     else:
-        payment.status = "succeeded"
-        payment.gateway_charge_id = charge.charge_id
-    payment.processed_at = dt.datetime.now(dt.UTC)
-    session.flush()
-    return PaymentOutcome(payment.id, user_id, payment.amount, payment.status, True, declined)
+        settled["status"], settled["gateway_charge_id"] = "succeeded", charge.charge_id
+    settled["processed_at"] = dt.datetime.now(dt.UTC)
+    session.execute(update(_PAYMENTS).where(_PAYMENTS.c.id == payment_id).values(**settled))
+    return PaymentOutcome(payment_id, row.user_id, row.amount, settled["status"], True, declined)
+
+
+#: The tables: the lock and the settling are statements on columns, not ORM objects (two
+#: statements a charge).
+_PAYMENTS = cast(Table, Payment.__table__)
+_ORDERS = cast(Table, Order.__table__)
