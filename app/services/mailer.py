@@ -24,7 +24,9 @@ import smtplib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
+from email.policy import default as default_policy
 from email.utils import format_datetime
 from typing import Any
 
@@ -67,6 +69,30 @@ class UnknownEmailType(MailError):
 
 
 # --- rendering ---------------------------------------------------------------------------------
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard library's header registry, each header's class made once.
+
+    `HeaderRegistry.__getitem__` builds a new class with `type()` on every lookup, several per
+    header set, about 10 us each: a third of rendering an email. The class it builds for a
+    name never changes, so it is kept.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = super().__getitem__(name)
+        return made
+
+
+#: The email package's default policy (what `EmailMessage()` uses), its header classes kept.
+POLICY = default_policy.clone(header_factory=_HeaderClasses())
 
 _SIGNATURE = "\n-- \nThe jobs-service team\n"
 
@@ -171,7 +197,7 @@ def render(
         raise MailError("message_id_key must not be empty: it makes the Message-ID stable")
     subject, body = build(context)
 
-    message = EmailMessage()
+    message = EmailMessage(policy=POLICY)
     for name, value in (("From", sender), ("To", to), ("Subject", subject)):
         try:
             message[name] = value

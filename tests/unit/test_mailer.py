@@ -453,3 +453,31 @@ def test_a_forked_child_opens_a_session_of_its_own(smtp: SmtpServer) -> None:
     parent_1, child, parent_2 = smtp.messages
     assert child.message["Message-ID"] == message_id("child")
     assert parent_1.peer == parent_2.peer != child.peer
+
+
+def test_the_kept_header_classes_render_what_the_standard_policy_renders() -> None:
+    """`POLICY` only keeps the classes the standard registry makes: every email type comes out
+    byte for byte as `EmailMessage()`'s default policy writes it, names with non-ASCII too."""
+    from email import policy
+
+    contexts: dict[str, dict[str, Any]] = {
+        "order_confirmation": {"order_id": 7, "total": "12.5"},
+        "insufficient_funds": {"payment_id": 3, "amount": 40},
+        "daily_report": {"date": dt.date(2026, 1, 2), "orders": 5, "revenue": "9", "new_users": 1},
+        "batch_completed": {"batch_id": 4, "items": 100},
+    }
+    for email_type, context in contexts.items():
+        ours = render(
+            email_type,
+            to="Zoë Ünal <zoe@example.com>, b@example.org",
+            sender="Jobs Service <jobs@example.com>",
+            context=context,
+            message_id_key=f"k-{email_type}",
+        )
+        standard = EmailMessage(policy=policy.default)
+        for name, value in ours.items():
+            if name.lower() not in ("content-type", "content-transfer-encoding", "mime-version"):
+                standard[name] = str(value)
+        standard.set_content(ours.get_content())
+        assert ours.as_bytes() == standard.as_bytes()
+        assert type(ours["To"]).__mro__[1:] == type(standard["To"]).__mro__[1:]
