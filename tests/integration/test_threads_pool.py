@@ -261,6 +261,11 @@ def test_a_threads_worker_holds_two_messages_a_thread_or_threads_prefetch(
                     "jobs.test_slow_record", args=[f"pf{held}-{i}", 4.0], queue="default"
                 )
             wait_until(lambda: client.hlen("unacked") >= held, timeout=60)  # noqa: B023
+            # (the service's pool: Celery's threads pool, its hand-off lighter; app.threads)
+            stats = producer.control.inspect(timeout=10, limit=1).stats() or {}
+            pools = [worker_stats["pool"] for worker_stats in stats.values()]
+            assert pools and pools[0]["implementation"] == "app.threads:ThreadsPool"
+            assert pools[0]["max-concurrency"] == 2 and pools[0]["threads"] == 2
             time.sleep(0.5)  # (long enough for a fetch beyond the window to show)
             assert client.hlen("unacked") == held
             assert client.llen("default") == 8 - held
