@@ -95,16 +95,15 @@ class ThreadsPool(TaskPool):  # type: ignore[misc]
         super(TaskPool, self).__init__(*args, **kwargs)
         self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._threads_lock = threading.Lock()
 
+    # (Celery starts and stops its pool from the worker's main thread.)
     def on_start(self) -> None:
-        with self._threads_lock:
-            while len(self._threads) < self.limit:
-                thread = threading.Thread(
-                    target=self._take, name=f"job-thread-{len(self._threads)}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
+        self._threads = [
+            threading.Thread(target=self._take, name=f"job-thread-{n}", daemon=True)
+            for n in range(self.limit)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _take(self) -> None:
         calls = self._calls
@@ -130,24 +129,21 @@ class ThreadsPool(TaskPool):  # type: ignore[misc]
         self._calls.put((target, args, kwargs, callback, accept_callback))
 
     def on_stop(self) -> None:
-        with self._threads_lock:
-            while True:  # the calls not started are dropped, as cancelled futures were
-                try:
-                    self._calls.get_nowait()
-                except queue.Empty:
-                    break
-            for _ in self._threads:
-                self._calls.put(None)
-            for thread in self._threads:
-                if thread is not threading.current_thread():
-                    thread.join()
-            self._threads = []
+        while True:  # the calls not started are dropped, as cancelled futures were
+            try:
+                self._calls.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._calls.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        self._threads = []
         super(TaskPool, self).on_stop()
 
     def _get_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = super(TaskPool, self)._get_info()
-        info.update({"max-concurrency": self.limit, "threads": len(self._threads)})
-        return info
+        return {**super(TaskPool, self)._get_info(), "threads": len(self._threads)}
 
 
 def configure(sender: Any = None, **_: Any) -> None:

@@ -19,6 +19,8 @@ Redis and Sentinel URL, so `RESULT_BACKEND` keeps its ordinary form.
 
 from __future__ import annotations
 
+import math
+from functools import cached_property
 from typing import Any
 
 from celery import states
@@ -78,10 +80,11 @@ class _StoreInOneRoundTrip:
         return result
 
     def _store_script(self: Any, key: bytes | str, value: str | bytes, expires: int) -> Any:
-        script = self.__dict__.get("_store")
-        if script is None:
-            script = self.__dict__["_store"] = self.client.register_script(STORE)
-        return script(keys=[key], args=[value, expires])
+        return self._store(keys=[key], args=[value, expires])
+
+    @cached_property
+    def _store(self: Any) -> Any:
+        return self.client.register_script(STORE)
 
 
 def _seconds(expires: Any) -> int:
@@ -90,7 +93,7 @@ def _seconds(expires: Any) -> int:
     if expires is None:
         return 0
     seconds = expires.total_seconds() if hasattr(expires, "total_seconds") else float(expires)
-    return max(0, -int(-seconds // 1))
+    return max(0, math.ceil(seconds))
 
 
 class RedisResults(_StoreInOneRoundTrip, RedisBackend):  # type: ignore[misc]
