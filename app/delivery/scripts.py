@@ -51,9 +51,9 @@ end
 
 #: KEYS: unacked, unacked index, inflight, held set, workers, rejected, paused, queue lists...
 #: ARGV: index time (the client's clock, as kombu's records), the first delivery tag's number,
-#: the most messages to hand out, the delivery tags' prefix (`<worker>.`), worker id, poison
-#: limit (deaths of its holder after which a message is not handed out again), death counter
-#: prefix, counter TTL,
+#: the most messages to hand out, "1" if the worker holds no delivery (bar the acknowledged),
+#: the delivery tags' prefix (`<worker>.`), worker id, poison limit (deaths of its holder after
+#: which a message is not handed out again), death counter prefix, counter TTL,
 #: then per queue list: the queue name it is delivered as, "1" if its consumer acknowledges;
 #: then the held sets' key prefix and the tags of deliveries to acknowledge (as ACK does, after
 #: the fetch: the worker's acknowledgements ride on its next fetch).
@@ -61,7 +61,12 @@ end
 #: and the next number). Returns {the acknowledged tags whose records were gone, the position
 #: of the list (0 when every unpaused queue is empty), then per message {message, what
 #: happened, delivery tag}}: 1 recorded, 0 handed out unrecorded (a no_ack consumer), 2
-#: rejected (not a JSON object), 3 rejected (poison). Each message is popped last: Redis
+#: rejected (not a JSON object), 3 rejected (poison), 4 recorded, on its last chance (one
+#: death from the poison limit): it runs alone. Such a message is handed out only to a worker
+#: that holds nothing, and alone; where it is next in the queue and the worker holds
+#: something, the batch ends there with {"", 5, ""}: the worker takes nothing more until it
+#: holds nothing. So the death that dead-letters a message is always its own, never that of a
+#: worker another job took down while it waited beside it. Each message is popped last: Redis
 #: keeps a script's earlier writes when a later command fails (a full `noeviction` server
 #: refuses ZADD and HSET, never RPOP), so a failed record leaves the message in its queue. A
 #: refusal on the first message fails the script (nothing taken, nothing acknowledged); on a
@@ -71,21 +76,23 @@ FETCH = (
     + """
 local queues = #KEYS - 7
 local most = tonumber(ARGV[3])
+local limit = tonumber(ARGV[7])
 local function take()
   for i = 1, queues do
     local key = KEYS[7 + i]
-    local queue = ARGV[7 + 2 * i]
+    local queue = ARGV[8 + 2 * i]
     if redis.call('SISMEMBER', KEYS[7], queue) == 0 and redis.call('LLEN', key) > 0 then
       local taken = {i}
       local number = tonumber(ARGV[2])
       local beat = false
+      local recorded = 0
       for n = 1, most do
         local item = redis.call('LINDEX', key, -1)
         if not item then
           break
         end
-        local tag = ARGV[4] .. (number + n - 1)
-        if ARGV[8 + 2 * i] ~= '1' then
+        local tag = ARGV[5] .. (number + n - 1)
+        if ARGV[9 + 2 * i] ~= '1' then
           redis.call('RPOP', key)
           taken[#taken + 1] = {item, 0, tag}
         else
@@ -96,14 +103,18 @@ local function take()
             redis.call('RPOP', key)
             taken[#taken + 1] = {item, 2, tag}
           else
-            local counter = ARGV[7] .. redis.sha1hex(item)
+            local counter = ARGV[8] .. redis.sha1hex(item)
             local deaths = tonumber(redis.call('GET', counter) or '0')
-            if deaths >= tonumber(ARGV[6]) then
+            local last = deaths > 0 and deaths + 1 >= limit
+            if deaths >= limit then
               redis.call('LPUSH', KEYS[6], cjson.encode({queue = queue, tag = tag,
                 reason = 'poison', deaths = deaths}) .. '\\n' .. item)
               redis.call('DEL', counter)
               redis.call('RPOP', key)
               taken[#taken + 1] = {item, 3, tag}
+            elseif last and (recorded > 0 or ARGV[4] ~= '1') then
+              taken[#taken + 1] = {'', 5, ''}
+              break
             else
               if n == 1 then
                 redis.call('ZADD', KEYS[2], ARGV[1], tag)
@@ -115,14 +126,19 @@ local function take()
               end
               local suffix = ',"",' .. cjson.encode(queue) .. ']'
               redis.call('HSET', KEYS[1], tag, '[' .. item .. suffix)
-              redis.call('HSET', KEYS[3], tag, cjson.encode({ARGV[5], key, counter, #suffix}))
+              redis.call('HSET', KEYS[3], tag, cjson.encode({ARGV[6], key, counter, #suffix}))
               redis.call('SADD', KEYS[4], tag)
               if not beat then
                 local now = redis.call('TIME')
-                redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[5])
+                redis.call('ZADD', KEYS[5], now[1] + now[2] / 1000000, ARGV[6])
                 beat = true
               end
               redis.call('RPOP', key)
+              recorded = recorded + 1
+              if last then
+                taken[#taken + 1] = {item, 4, tag}
+                break
+              end
               taken[#taken + 1] = {item, 1, tag}
             end
           end
@@ -134,7 +150,7 @@ local function take()
   return {0}
 end
 local taken = take()
-table.insert(taken, 1, acknowledge(10 + 2 * queues, ARGV[9 + 2 * queues]))
+table.insert(taken, 1, acknowledge(11 + 2 * queues, ARGV[10 + 2 * queues]))
 return taken
 """
 )

@@ -39,7 +39,12 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   worker's death is counted by the recovery; a pool process's, when the worker requeues the
   job after it (`app.delivery.requests.Request` tells the transport so; an app whose tasks
   do not use that request class gets kombu's plain requeue there). A job that asks to be
-  requeued (`Reject(requeue=True)`) and a warm shutdown's requeue are not deaths.
+  requeued (`Reject(requeue=True)`) and a warm shutdown's requeue are not deaths. A whole
+  worker's death counts for every message it held, the innocent ones beside the killer too;
+  so a message one death from the limit runs alone: it is handed out only to a channel that
+  holds nothing, which fetches nothing more until it is acknowledged (a message next in line
+  that must run alone makes a channel holding others wait until it holds nothing). The death
+  that dead-letters a message is then always its own.
 - **Only what will be acknowledged is recorded.** A `no_ack` consumer (the reply queues that
   `celery inspect` reads) gets its message popped, not recorded.
 - **Replicated publishes, on request.** With `wait_replicas` (BROKER_WAIT_REPLICAS) > 0, a
@@ -113,7 +118,8 @@ DEFAULT_WAIT_TIMEOUT = 1.0
 
 logger = logging.getLogger(__name__)
 
-_RECORDED, _UNRECORDED, _NOT_JSON, _POISON = 1, 0, 2, 3
+_RECORDED, _UNRECORDED, _NOT_JSON, _POISON, _ALONE, _WAITS_ALONE = 1, 0, 2, 3, 4, 5
+_HOLDS_NOTHING, _HOLDS_SOME = bulk_string("1"), bulk_string("0")
 
 
 class NotReplicated(Exception):
@@ -288,6 +294,9 @@ class Channel(kombu_redis.Channel):
         self._pending: str | None = None  # "fetch" or "wait": the command whose reply is due
         self._fetch_keys: list[tuple[str, str]] = []  # (list key, queue delivered as)
         self._refused_until = 0.0
+        #: A message on its last chance was handed out, or is next in its queue: fetch nothing
+        #: more until this channel holds nothing (it runs alone; see scripts.FETCH).
+        self._alone = False
         self._fetch_sha: str | None = None
         self._next_tag = 1  # the number in this channel's next delivery tag
         self._fetch_packed: dict[tuple[Any, ...], tuple[int, bytes, bytes]] = {}
@@ -560,10 +569,16 @@ class Channel(kombu_redis.Channel):
             for name in (queue, *self.queue_aliases.get(queue, ()))
         ]
 
+    def _holding(self) -> int:
+        """Deliveries handed to the consumer and not yet acknowledged."""
+        qos = self.qos
+        return len(qos._delivered) - len(qos._dirty)
+
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if time.monotonic() < self._refused_until:
+        if time.monotonic() < self._refused_until or (self._alone and self._holding()):
             self.flush_acks()
             return  # nothing is sent; the event loop asks again on a later tick
+        self._alone = False
         order = self._fetch_order()
         if not order:
             return
@@ -594,10 +609,15 @@ class Channel(kombu_redis.Channel):
         # `<worker>.<number>` from this number on.
         most = max(1, min(self.fetch_most, self.qos.can_consume_max_estimate() or 1))
         number, self._next_tag = self._next_tag, self._next_tag + most
-        # The command is the same from one fetch to the next but for the time, the first tag
-        # and the count: the rest is packed once per order of queues (packing it took a tenth
-        # of the loop).
-        dynamic = bulk_string(repr(time.time())) + bulk_string(number) + bulk_string(most)
+        # The command is the same from one fetch to the next but for the time, the first tag,
+        # the count and whether the channel holds anything: the rest is packed once per order
+        # of queues (packing it took a tenth of the loop).
+        dynamic = (
+            bulk_string(repr(time.time()))
+            + bulk_string(number)
+            + bulk_string(most)
+            + (_HOLDS_SOME if self._holding() else _HOLDS_NOTHING)
+        )
         # The acknowledgements left for later ride on it (settled once its reply is read).
         acks, self._acks = self._acks, []
         self._acks_sent = acks
@@ -612,7 +632,7 @@ class Channel(kombu_redis.Channel):
     def _pack_fetch(self, order: list[tuple[str, str]]) -> tuple[int, bytes, bytes]:
         """The fetch's EVALSHA for this order, packed (RESP): its length without the
         acknowledgements, and its arguments before and after those that change from one fetch
-        to the next (the time, the first tag, the count)."""
+        to the next (the time, the first tag, the count, whether the channel holds nothing)."""
         keys = self.keys
         noack = self._noack_queues
         head = [
@@ -637,7 +657,7 @@ class Channel(kombu_redis.Channel):
             tail += [queue, "0" if queue in noack else "1"]
         tail.append(keys.held(""))
         return (
-            len(head) + 3 + len(tail),
+            len(head) + 4 + len(tail),
             b"".join(bulk_string(arg) for arg in head),
             b"".join(bulk_string(arg) for arg in tail),
         )
@@ -687,8 +707,14 @@ class Channel(kombu_redis.Channel):
             self._queue_cycle.rotate(queue)
             delivered = False
             for item, outcome, tag in taken:
+                outcome = int(outcome)
+                if outcome in (_ALONE, _WAITS_ALONE):  # (handed out alone, or waiting to be)
+                    self._alone = True
+                    if outcome == _WAITS_ALONE:
+                        continue
+                    outcome = _RECORDED
                 try:
-                    self._take(item, queue, int(outcome), bytes_to_str(tag))
+                    self._take(item, queue, outcome, bytes_to_str(tag))
                     delivered = True
                 except virtual.Empty:  # accounted for (dead-lettered, deferred): the next one
                     pass

@@ -155,6 +155,14 @@ def record_run(token: str) -> None:
     _record(token, record_run.request)
 
 
+@job("jobs.test_slow_run")
+def slow_run(token: str, seconds: float) -> None:
+    """Work for `seconds`, then record the execution as `record_run` does (a job run again
+    after its worker died records twice, and fails nothing)."""
+    time.sleep(seconds)
+    _record(token, slow_run.request)
+
+
 def _record(token: str, request: Any) -> None:
     import json
 

@@ -8,7 +8,11 @@ show the window this closes (and that the test sees it).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
+import hashlib
+import json
 import logging
 import select
 import time
@@ -24,6 +28,7 @@ from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import str_to_bytes
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
@@ -381,22 +386,37 @@ def test_an_acknowledgement_off_the_event_loop_is_settled_at_once(url: str) -> N
         assert counts(url) == {"queued": 0, "unacked": 2, "indexed": 2}
 
 
-def _fetch_once(connection: Connection, prefetch: int) -> list[Any]:
-    """One fetch, sent and read as the event loop would; the bodies it delivered."""
-    channel: Any = connection.default_channel
+def _consume(connection: Connection, prefetch: int) -> list[Any]:
+    """Consume every queue with this prefetch window; the messages delivered, as they come."""
     received: list[Any] = []
     Consumer(
-        channel,
+        connection.default_channel,
         QUEUES,
-        callbacks=[lambda body, message: received.append(body)],
+        callbacks=[lambda body, message: received.append(message)],
         prefetch_count=prefetch,
     ).consume()
+    return received
+
+
+def _fetch(connection: Connection) -> bool:
+    """One turn of the event loop's fetching, sent and read as the loop would; False when
+    the channel sent no fetch."""
+    channel: Any = connection.default_channel
     connection.transport.cycle._register_BRPOP(channel)
+    if channel._pending is None:
+        return False
     readable, _, _ = select.select([channel.client.connection._sock], [], [], 5)
     assert readable, "Redis did not answer the fetch"
     with contextlib.suppress(virtual.Empty):
         channel._brpop_read()
-    return received
+    return True
+
+
+def _fetch_once(connection: Connection, prefetch: int) -> list[Any]:
+    """One fetch; the bodies it delivered."""
+    received = _consume(connection, prefetch)
+    assert _fetch(connection)
+    return [message.decode() for message in received]
 
 
 def test_one_fetch_takes_what_the_prefetch_window_has_room_for_each_recorded(url: str) -> None:
@@ -450,3 +470,36 @@ def test_a_worker_killed_mid_fetch_of_a_batch_loses_none_of_it(url: str) -> None
                 with contextlib.suppress(TimeoutError):
                     connection.drain_events(timeout=1)
         assert sorted(body["n"] for body in received) == [0, 1, 2, 3]
+
+
+def test_a_message_one_death_from_the_poison_limit_is_handed_out_alone(url: str) -> None:
+    """Its holder has died under it twice (POISON_AFTER 3): it goes only to a consumer that
+    holds nothing, and the consumer takes nothing beside it until it is acknowledged, so that
+    a third death is its own and not that of a job held beside it."""
+    with connect(url, broker.Transport) as producer:
+        for n in range(4):
+            publish(producer, "default", {"n": n})
+    client = redis.Redis.from_url(redis_client_url(url) or "")
+    items = [str_to_bytes(item) for item in client.lrange("default", 0, -1)]
+    [last_chance] = [
+        item for item in items if json.loads(base64.b64decode(json.loads(item)["body"])) == {"n": 2}
+    ]
+    client.set(f"jobs_service:deliveries:{hashlib.sha1(last_chance).hexdigest()}", 2)
+    with connect(url, broker.Transport) as connection:
+        received = _consume(connection, prefetch=4)
+        fetch = functools.partial(_fetch, connection)
+
+        def bodies() -> list[Any]:
+            return [message.decode()["n"] for message in received]
+
+        assert fetch() and bodies() == [0, 1]  # the window had room for 4: the batch ends
+        assert not fetch()  # holding 0 and 1, it waits for them
+        for message in received:
+            message.ack()
+        assert fetch() and bodies() == [0, 1, 2]  # alone
+        assert not fetch() and counts(url)["unacked"] == 1
+        received[2].ack()
+        assert fetch() and bodies() == [0, 1, 2, 3]
+        received[3].ack()
+    assert counts(url) == {"queued": 0, "unacked": 0, "indexed": 0}
+    assert not client.keys("jobs_service:deliveries:*")  # (the ack ends its count)

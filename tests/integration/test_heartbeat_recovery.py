@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from tests.integration.conftest import (
     worker_env,
 )
 from tests.integration.factories import scalar, wait_until
+from tests.integration.harness_jobs import RUNS_KEY
 from tests.integration.test_worker_crash import CrashingWorker
 
 # Needs a Redis broker (the transport's records, scripts or Redis itself): a pass on
@@ -63,6 +65,21 @@ def hold_a_slow_job(broker: str, worker: CrashingWorker, sku: str) -> None:
     ready(worker.log)
     producer_for(broker).send_task("jobs.test_slow_record", args=[sku, 4], queue="default")
     wait_until(lambda: held(client_for(broker)) == 1, timeout=30)
+
+
+def restarting_until(worker: CrashingWorker, done: Callable[[], bool], seconds: float) -> int:
+    """Start `worker` again each time it dies (as a supervisor would) until `done()`; the
+    number of restarts."""
+    restarts = 0
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "not done in time"
+        assert worker.process is not None
+        if worker.process.poll() is not None:
+            restarts += 1
+            worker.start()
+        time.sleep(0.2)
+    return restarts
 
 
 def test_a_killed_workers_job_runs_again_on_a_live_worker_within_seconds(
@@ -176,19 +193,13 @@ def test_a_message_that_keeps_killing_its_whole_worker_is_dead_lettered_as_poiso
     flush_broker(broker)
     worker = CrashingWorker(worker_env(services, broker), tmp_path / "worker.log")
     producer = producer_for(broker)
-    restarts = 0
     try:
         worker.start()
         ready(worker.log)
         poison = producer.send_task("jobs.test_kill_my_worker", args=["w1"], queue="default")
-        deadline = time.monotonic() + 120
-        while not scalar(select(func.count()).select_from(DeadLetter)):
-            assert time.monotonic() < deadline, "never dead-lettered"
-            assert worker.process is not None
-            if worker.process.poll() is not None:  # the supervisor's restart
-                restarts += 1
-                worker.start()
-            time.sleep(0.2)
+        restarts = restarting_until(
+            worker, lambda: bool(scalar(select(func.count()).select_from(DeadLetter))), 120
+        )
         producer.send_task("jobs.test_record_sku", args=["after-worker-poison"], queue="default")
         wait_until(lambda: product_count("after-worker-poison") == 1, timeout=30)
     finally:
@@ -198,6 +209,59 @@ def test_a_message_that_keeps_killing_its_whole_worker_is_dead_lettered_as_poiso
     with session_scope() as session:
         [entry] = session.scalars(select(DeadLetter))
         assert (entry.reason, entry.task_id, entry.attempts) == ("poison", poison.id, 3)
+
+
+def test_jobs_held_beside_a_poison_message_are_not_dead_lettered_with_it(
+    services: Services, tmp_path: Path
+) -> None:
+    """A threads worker holds its running and prefetched jobs together, and a job that takes
+    the whole worker down takes them down with it, each time: each of their deaths is counted.
+    A message one death from the dead-letter store runs alone, so the third death is only the
+    poison's own: it alone is dead-lettered, and every job held beside it runs."""
+    broker = isolated_broker(services.broker_url, DB)
+    flush_broker(broker)
+    client = client_for(broker)
+    worker = CrashingWorker(
+        worker_env(services, broker), tmp_path / "worker.log", options=["--pool", "threads"]
+    )
+    producer = producer_for(broker)
+    innocents = [f"beside-poison-{i}" for i in range(3)]
+
+    def ran() -> set[str]:  # (a job whose acknowledgement died with its worker runs twice)
+        return {json.loads(entry)["token"] for entry in client.lrange(RUNS_KEY, 0, -1)}
+
+    try:
+        worker.start()
+        ready(worker.log)
+        # Queued together, so that the worker (2 threads, 4 held) takes them together.
+        with producer.connection_for_write() as connection:
+            for token in innocents[:1]:
+                producer.send_task(
+                    "jobs.test_slow_run", [token, 2], queue="default", connection=connection
+                )
+            poison = producer.send_task(
+                "jobs.test_kill_my_worker", ["w2"], queue="default", connection=connection
+            )
+            for token in innocents[1:]:
+                producer.send_task(
+                    "jobs.test_slow_run", [token, 2], queue="default", connection=connection
+                )
+        # until each of the four has run or been dead-lettered
+        restarts = restarting_until(
+            worker,
+            lambda: scalar(select(func.count()).select_from(DeadLetter)) + len(ran()) >= 4,
+            150,
+        )
+        wait_until(lambda: held(client) == 0, timeout=30)
+    finally:
+        worker.stop()
+    with session_scope() as session:
+        [entry] = session.scalars(select(DeadLetter))
+        assert (entry.reason, entry.task_id, entry.attempts) == ("poison", poison.id, 3)
+    assert restarts == 3 and worker.log.read_text().count("kill_my_worker w2 in") == 3
+    assert ran() == set(innocents)
+    assert int(client.llen("default")) == 0
+    assert not client.keys("jobs_service:deliveries:*")
 
 
 def test_a_job_that_asks_to_be_requeued_is_not_taken_for_poison(

@@ -82,8 +82,10 @@ class CrashingWorker:
         concurrency: int = 2,
         prefix: Sequence[str] = (),
         name: str = "crash",
+        options: Sequence[str] = (),
     ) -> None:
         self.env, self.log, self.concurrency = env, log, concurrency
+        self.options = list(options)  # more worker options (`--pool threads`)
         self.prefix, self.name = list(prefix), name  # (prefix: run it elsewhere, see netns.py)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -105,6 +107,7 @@ class CrashingWorker:
                     str(self.concurrency),
                     "--hostname",
                     f"{self.name}-{self.starts}@%h",
+                    *self.options,
                 ],
                 cwd=ROOT,
                 env=self.env,
