@@ -53,7 +53,7 @@ class Request(CeleryRequest):  # type: ignore[misc]
 
 class Task(CeleryTask):  # type: ignore[misc]
     """The app's base task: Celery's, with the request above, noting its log context and
-    deadlines itself (app.running)."""
+    deadlines itself (app.running). The job layer's `Job` is one."""
 
     Request = f"{__name__}:Request"
     notes_running = True
@@ -62,9 +62,21 @@ class Task(CeleryTask):  # type: ignore[misc]
         request = self.request
         entered = running.enter(self, request)
         try:
-            return super().__call__(*args, **kwargs)
+            # Run by Celery's tracer (not called inline): its request is on the stack already.
+            traced = entered and request.called_directly is False
+            return self._execute(request, args, kwargs, traced)
         finally:
             running.leave(entered, request.is_eager)
+
+    def _execute(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool = False
+    ) -> Any:
+        """The task's body: `run` itself when traced, as Celery's tracer calls a task with no
+        `__call__` of its own (no second copy of the request pushed); Celery's `__call__`,
+        which pushes one, when called inline."""
+        if traced:
+            return self.run(*args, **kwargs)
+        return CeleryTask.__call__(self, *args, **kwargs)
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
         running.outcome_logged()

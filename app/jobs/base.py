@@ -30,7 +30,8 @@ from functools import cached_property
 from typing import Any, TypeVar, overload
 
 import redis
-from celery import Task, states
+from celery import Task as CeleryTask
+from celery import states
 from celery.canvas import Signature, maybe_signature
 from celery.exceptions import (
     Ignore,
@@ -53,6 +54,7 @@ from app.delivery.clients import broker_client
 from app.delivery.envelope import decoded_body
 from app.delivery.flow import EXPIRES_HEADER, UNIQUE_HEADER, Limit, Rate
 from app.delivery.records import Keys
+from app.delivery.requests import Task
 from app.delivery.scheduled import ERROR_HEADER
 from app.ids import random_uuid, random_uuids
 from app.jobs import continuable as continuations
@@ -143,7 +145,7 @@ class Prepared:
 capture: list[Prepared] | None = None
 
 
-class Job(Task):  # type: ignore[misc]
+class Job(Task):
     """Base of every job. Declare jobs with `@job(...)`; subclass only to change the layer."""
 
     #: A queue name, or a callable of the job's arguments returning one at enqueue time.
@@ -155,8 +157,6 @@ class Job(Task):  # type: ignore[misc]
     around_perform: tuple[AroundPerform, ...] = ()
     #: The policies count attempts per exception class; Celery's own cap would cut them short.
     max_retries = None
-    #: Tells the transport when a requeue follows the death of the job's process (poison).
-    Request = "app.delivery.requests:Request"
     #: A job's failure is the job layer's to report: Celery logs it at INFO without its
     #: traceback ("raised expected"), and the one ERROR line is the dead letter's, whose entry
     #: keeps the traceback (`jobs-service dead-letters show`).
@@ -260,20 +260,7 @@ class Job(Task):  # type: ignore[misc]
         """Run the job inline with the same policies; a retry is enqueued with its wait."""
         return self.apply(args, kwargs, throw=True).get()
 
-    # Executing -------------------------------------------------------------------------------
-
-    #: Notes its own log context and deadlines (app.running), instead of Celery's signals.
-    notes_running = True
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        request = self.request
-        entered = running.enter(self, request)
-        try:
-            # Run by Celery's tracer (not called inline): its request is on the stack already.
-            traced = entered and request.called_directly is False
-            return self._execute(request, args, kwargs, traced)
-        finally:
-            running.leave(entered, request.is_eager)
+    # Executing (`Task.__call__` notes the log context and deadlines, then calls this) ------
 
     def _execute(
         self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool = False
@@ -328,9 +315,7 @@ class Job(Task):  # type: ignore[misc]
     def _perform(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> Any:
         check_size(args, kwargs)
         bind_arguments(self.run, args, kwargs)
-        if traced:  # as Celery's tracer runs a task without a __call__ of its own: no second
-            return self.run(*args, **kwargs)  # copy of the request pushed
-        return super().__call__(*args, **kwargs)
+        return super()._execute(None, args, kwargs, traced)  # the body itself
 
     def _rescue(
         self, error: Exception, execution: Execution, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -679,7 +664,7 @@ flow.admission = _admission
 
 
 def _publish(prepared: Prepared, producer: Any = None, **extra: Any) -> AsyncResult:
-    return Task.apply_async(
+    return CeleryTask.apply_async(  # (Celery's publish: the job layer's checks are done)
         prepared.job,
         prepared.args,
         prepared.kwargs,

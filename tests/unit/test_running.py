@@ -42,6 +42,27 @@ def plain() -> None:
     _context("plain")
 
 
+STACKS: list[tuple[str, int, bool]] = []
+
+
+def _stack(where: str, task: Any) -> None:
+    request = task.request
+    STACKS.append((where, len(task.request_stack.stack), request.called_directly))
+
+
+@celery.task(name="tests.running_plain_stack", bind=True)
+def plain_stack(self: Any, depth: int) -> None:
+    _stack(f"plain {depth}", self)
+    if depth:
+        plain_stack(depth - 1)  # inline: its own request, called directly
+
+
+@job("jobs.test_running_stack")
+def job_stack() -> None:
+    _stack("job", job_stack)
+    plain_stack(0)
+
+
 @pytest.fixture(autouse=True)
 def fresh() -> Iterator[None]:
     SEEN.clear()
@@ -162,3 +183,18 @@ def test_a_limit_exception_at_the_end_of_a_job_leaves_its_thread_free(
     assert SEEN == [("next job", "jobs.test_running_inner", None)]
     assert noted.task_id == "t-4"  # the next job's deadlines replace the stale ones
     assert ident not in threads._running
+
+
+def test_the_tracer_runs_the_body_under_its_own_request_and_an_inline_call_pushes_one() -> None:
+    """Celery's tracer pushes the request; the app's tasks run their body under it, as the
+    tracer runs a task with no `__call__` of its own (Celery's `__call__` would push a second
+    copy). A call inline in the body goes through Celery's `__call__`: a request of its own."""
+    STACKS.clear()
+    plain_stack.apply(args=[1], throw=True)
+    job_stack.apply(throw=True)
+    assert STACKS == [
+        ("plain 1", 1, False),
+        ("plain 0", 2, False),  # (Celery's copy of the task's request it runs in)
+        ("job", 1, False),
+        ("plain 0", 1, True),
+    ]
