@@ -71,9 +71,13 @@ class Task(CeleryTask):  # type: ignore[misc]
     def _execute(
         self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool = False
     ) -> Any:
-        """The task's body: `run` itself when traced, as Celery's tracer calls a task with no
-        `__call__` of its own (no second copy of the request pushed); Celery's `__call__`,
-        which pushes one, when called inline."""
+        """What a call runs inside its log context: the body (the job layer wraps it)."""
+        return self._run_body(args, kwargs, traced)
+
+    def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> Any:
+        """`run` itself when traced, as Celery's tracer calls a task with no `__call__` of its
+        own (no second copy of the request pushed); Celery's `__call__`, which pushes one,
+        when called inline."""
         if traced:
             return self.run(*args, **kwargs)
         return CeleryTask.__call__(self, *args, **kwargs)

@@ -315,7 +315,7 @@ class Job(Task):
     def _perform(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> Any:
         check_size(args, kwargs)
         bind_arguments(self.run, args, kwargs)
-        return super()._execute(None, args, kwargs, traced)  # the body itself
+        return self._run_body(args, kwargs, traced)
 
     def _rescue(
         self, error: Exception, execution: Execution, args: tuple[Any, ...], kwargs: dict[str, Any]
