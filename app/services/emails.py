@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, cast
 
-from sqlalchemy import Table, literal, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BindParameter, Table, Update, bindparam, select, update
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from app.models import EmailDelivery, User
 from app.services import mailer
@@ -68,31 +69,14 @@ def deliver_email(
         )
     row = {"user_id": user_id, "email_type": email_type, "idempotency_key": idempotency_key}
     if user_id is not None:
-        recipient: Any = _USERS.c.email
-        source = select(*(literal(v) for v in row.values()), recipient).where(
-            _USERS.c.id == user_id
-        )
-        claim = insert(_DELIVERIES).from_select([*row, "recipient"], source)
+        claimed = session.execute(_CLAIM_FOR_USER, row).one_or_none()
     else:
         recipients = list(context.get("to") or default_recipients)
         if not recipients:
             raise NoRecipients(f"{email_type} email has no recipients")
-        claim = insert(_DELIVERIES).values(**row, recipient=", ".join(recipients))
-    claimed = session.execute(
-        claim.on_conflict_do_update(
-            index_elements=["idempotency_key"],
-            # Touching the row takes its lock (waiting for a copy that holds it); a settled
-            # key is left untouched and comes back as no row.
-            set_={"idempotency_key": claim.excluded.idempotency_key},
-            where=_DELIVERIES.c.status == "pending",
-        ).returning(_DELIVERIES.c.id, _DELIVERIES.c.recipient)
-    ).one_or_none()
+        claimed = session.execute(_CLAIM, {**row, "recipient": ", ".join(recipients)}).one_or_none()
     if claimed is None:
-        settled = session.execute(
-            select(_DELIVERIES.c.id, _DELIVERIES.c.status).where(
-                _DELIVERIES.c.idempotency_key == idempotency_key
-            )
-        ).one_or_none()
+        settled = session.execute(_SETTLED, {"idempotency_key": idempotency_key}).one_or_none()
         if settled is None:  # nothing inserted: the user's row is not there
             assert user_id is not None
             raise UserNotFound(user_id)
@@ -120,5 +104,52 @@ _DELIVERIES = cast(Table, EmailDelivery.__table__)
 _USERS = cast(Table, User.__table__)
 
 
+def _value(name: str) -> BindParameter[Any]:
+    """A parameter for the delivery's column `name`, of that column's type."""
+    return bindparam(name, type_=_DELIVERIES.c[name].type)
+
+
+def _claiming(claim: Insert) -> ReturningInsert[Any]:
+    return claim.on_conflict_do_update(
+        index_elements=["idempotency_key"],
+        # Touching the row takes its lock (waiting for a copy that holds it); a settled key is
+        # left untouched and comes back as no row.
+        set_={"idempotency_key": claim.excluded.idempotency_key},
+        where=_DELIVERIES.c.status == "pending",
+    ).returning(_DELIVERIES.c.id, _DELIVERIES.c.recipient)
+
+
+# The statements are built once, their values parameters: building one (the conflict clause's
+# `excluded` alias of the whole table above all) cost more of the worker's CPU than the
+# round trip that runs it.
+_CLAIM_COLUMNS = ("user_id", "email_type", "idempotency_key")
+#: A user's email: the row made from the user's (no row when there is no such user).
+_CLAIM_FOR_USER = _claiming(
+    insert(_DELIVERIES).from_select(
+        [*_CLAIM_COLUMNS, "recipient"],
+        select(*(_value(name) for name in _CLAIM_COLUMNS), _USERS.c.email).where(
+            _USERS.c.id == bindparam("user_id")
+        ),
+    )
+)
+#: An email to configured addresses (no user).
+_CLAIM = _claiming(
+    insert(_DELIVERIES).values({name: _value(name) for name in (*_CLAIM_COLUMNS, "recipient")})
+)
+_SETTLED = select(_DELIVERIES.c.id, _DELIVERIES.c.status).where(
+    _DELIVERIES.c.idempotency_key == bindparam("idempotency_key")
+)
+#: The settling UPDATE for each set of columns it writes.
+_SETTLE: dict[frozenset[str], Update] = {}
+
+
 def _settle(session: Session, delivery_id: int, **values: Any) -> None:
-    session.execute(update(_DELIVERIES).where(_DELIVERIES.c.id == delivery_id).values(**values))
+    columns = frozenset(values)
+    statement = _SETTLE.get(columns)
+    if statement is None:
+        statement = _SETTLE[columns] = (
+            update(_DELIVERIES)
+            .where(_DELIVERIES.c.id == bindparam("delivery_id"))
+            .values({name: _value(name) for name in sorted(columns)})
+        )
+    session.execute(statement, {**values, "delivery_id": delivery_id})
