@@ -481,3 +481,51 @@ def test_the_kept_header_classes_render_what_the_standard_policy_renders() -> No
         standard.set_content(ours.get_content())
         assert ours.as_bytes() == standard.as_bytes()
         assert type(ours["To"]).__mro__[1:] == type(standard["To"]).__mro__[1:]
+
+
+def test_a_header_parsed_before_is_given_again_and_the_messages_stay_apart() -> None:
+    """`POLICY` keeps the headers it parsed: the second email's From and To are the first's
+    objects, its own Subject and Message-ID are its own, each message comes out as the standard
+    policy writes it, and a bad value is refused however often it comes."""
+    from email import policy
+
+    first = order_email("kept-1")
+    second = render(
+        "order_confirmation",
+        to=CUSTOMER,
+        sender=SENDER,
+        context={"order_id": 43, "total": "1"},
+        message_id_key="kept-2",
+    )
+    other = render(
+        "order_confirmation",
+        to="bob@example.com",
+        sender=SENDER,
+        context=CONTEXTS["order_confirmation"],
+        message_id_key="kept-3",
+    )
+    assert second["From"] is first["From"] and second["To"] is first["To"]
+    assert second["Content-Type"] is first["Content-Type"]
+    assert [a.addr_spec for a in other["To"].addresses] == ["bob@example.com"]
+    assert [a.addr_spec for a in first["To"].addresses] == [CUSTOMER]
+    assert (first["Message-ID"], second["Message-ID"]) == (
+        message_id("kept-1"),
+        message_id("kept-2"),
+    )
+    assert "#43" in second["Subject"] and "#42" in first["Subject"]
+    for message in (first, second, other):
+        standard = EmailMessage(policy=policy.default)
+        for name, value in message.items():
+            if name.lower() not in ("content-type", "content-transfer-encoding", "mime-version"):
+                standard[name] = str(value)
+        standard.set_content(message.get_content())
+        assert message.as_bytes() == standard.as_bytes()
+    for _ in range(2):
+        with pytest.raises(MailError, match="To"):
+            render(
+                "order_confirmation",
+                to=f"{CUSTOMER}\r\nBcc: eve@example.com",
+                sender=SENDER,
+                context=CONTEXTS["order_confirmation"],
+                message_id_key="kept-4",
+            )
