@@ -172,7 +172,8 @@ task_reject_on_worker_lost = True
 # it is not yet running, so it cannot hoard low jobs while urgent ones arrive behind them,
 # and every free process draws the weighted order afresh. Prefetched messages are not yet
 # acknowledged, so they go back to the queue if the worker stops or dies. The threads pool
-# holds two per thread instead (THREADS_PREFETCH; see app.threads).
+# holds two per thread instead, up to four of short jobs (THREADS_PREFETCH and
+# THREADS_HOLD_AHEAD; see app.threads).
 worker_prefetch_multiplier = 1
 # A worker process beats every second in Redis. When a worker's heartbeat is
 # WORKER_HEARTBEAT_TIMEOUT seconds old (5 by default), any live worker puts what it held back

@@ -19,6 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from app.delivery.window import HOLD_AHEAD
+
 #: Where the embedded servers keep their data unless APP_STATE_DIR says otherwise.
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / ".state"
 
@@ -85,6 +87,7 @@ class Settings:
     sentinel_master: str | None = None
     wait_replicas: int = 0
     threads_prefetch: int = 2
+    threads_hold_ahead: float = HOLD_AHEAD
     statsd_flush_interval: float = 1.0
 
     def redacted(self) -> dict[str, str]:
@@ -353,6 +356,22 @@ def _flush_interval(raw: str) -> float:
     return value
 
 
+def _hold_ahead(raw: str) -> float:
+    if not raw:
+        return HOLD_AHEAD
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise ConfigError(
+            "THREADS_HOLD_AHEAD",
+            "a number of seconds from 0 (hold THREADS_PREFETCH a thread, whatever the pace) to 1",
+            raw,
+        )
+    return value
+
+
 def _count(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -433,6 +452,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sentinel_master=_sentinel_master(env, checked_broker),
         wait_replicas=_wait_replicas(env, checked_broker),
         threads_prefetch=_count(env, "THREADS_PREFETCH", 2),
+        threads_hold_ahead=_hold_ahead(env.get("THREADS_HOLD_AHEAD", "").strip()),
         statsd_flush_interval=_flush_interval(env.get("STATSD_FLUSH_INTERVAL", "").strip()),
     )
 

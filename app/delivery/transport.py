@@ -108,6 +108,7 @@ from app.delivery import flow, heartbeat, scheduled, scripts
 from app.delivery.envelope import checked_task, envelope_problem
 from app.delivery.records import Keys
 from app.delivery.resp import bulk_string
+from app.delivery.window import HoldWindow
 
 #: How long an idle channel blocks on its first queue before looking at all of them again.
 DEFAULT_FETCH_WAIT = 0.1
@@ -115,6 +116,9 @@ DEFAULT_FETCH_WAIT = 0.1
 DEFAULT_FETCH_MOST = 100
 #: How long a publish waits for `wait_replicas` replicas to confirm it.
 DEFAULT_WAIT_TIMEOUT = 1.0
+#: While the hold window keeps a channel from fetching, the longest its acknowledgements wait
+#: for the next fetch to carry them before they are settled on their own.
+ACKS_WAIT = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +263,7 @@ class Channel(kombu_redis.Channel):
         "poll_interval",
         "wait_replicas",
         "wait_timeout",
+        "hold_window",
     )
     fetch_wait = DEFAULT_FETCH_WAIT
     #: The most messages one fetch hands out (fewer when the prefetch window is fuller).
@@ -285,6 +290,10 @@ class Channel(kombu_redis.Channel):
     wait_replicas = 0
     #: Seconds a publish waits for those replicas before raising NotReplicated.
     wait_timeout = DEFAULT_WAIT_TIMEOUT
+    #: (threads, least, most, ahead): the messages held grow with the pace, from `least` to
+    #: `most` per thread (app.delivery.window; the threads pool sets it); None: the prefetch
+    #: window alone.
+    hold_window: tuple[int, int, int, float] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The delivery being handed to the consumer: its tag (recorded by the fetch script,
@@ -302,6 +311,7 @@ class Channel(kombu_redis.Channel):
         self._fetch_packed: dict[tuple[Any, ...], tuple[int, bytes, bytes]] = {}
         self._acks: list[str] = []  # acknowledged, not yet settled (see ack_later)
         self._acks_sent: list[str] = []  # acknowledgements riding on the pending fetch
+        self._acks_timer: Any = None  # settles them if the hold window keeps fetches back
         self._scripts: dict[str, Any] = {}
         self._heartbeat: heartbeat.Heartbeat | None = None
         self._noack_queues: set[str] = set()  # popped, never recorded: nothing will ack them
@@ -314,6 +324,7 @@ class Channel(kombu_redis.Channel):
         self.keys = Keys(self.global_keyprefix or "")
         self.fetch_most = max(1, int(self.fetch_most))
         self.queue_aliases = {q: tuple(names) for q, names in dict(self.queue_aliases).items()}
+        self._window = HoldWindow(*self.hold_window) if self.hold_window else None
 
     def heartbeat_pool(self, params: dict[str, Any]) -> redis.ConnectionPool:
         """A pool of the heartbeat's own on this channel's Redis (see heartbeat.for_channel)."""
@@ -397,6 +408,8 @@ class Channel(kombu_redis.Channel):
     def _settled(self, tags: list[str], gone: list[bytes] | None) -> None:
         """What follows the acknowledgement of `tags` in Redis (`gone`: those already gone)."""
         owned, held = self.qos._owned, self._flow_held
+        if self._window is not None:
+            self._window.settled(len(tags))
         for tag in tags:
             owned.discard(tag)
             if tag in held:
@@ -414,6 +427,8 @@ class Channel(kombu_redis.Channel):
             keys=self._record_keys(),
             args=[tag, how, "1" if death else "0", keys.held(""), heartbeat.DEATHS_TTL],
         )
+        if self._window is not None:
+            self._window.settled(1)
         if tag in self._flow_held:
             flow.release(self, tag)
         if not found and how == "ack":
@@ -578,6 +593,10 @@ class Channel(kombu_redis.Channel):
         if time.monotonic() < self._refused_until or (self._alone and self._holding()):
             self.flush_acks()
             return  # nothing is sent; the event loop asks again on a later tick
+        room = self._window_room()
+        if room is not None and room <= 0:
+            self._settle_acks_soon()
+            return  # (the next acknowledgement's tick asks again)
         self._alone = False
         order = self._fetch_order()
         if not order:
@@ -608,6 +627,8 @@ class Channel(kombu_redis.Channel):
         # concurrency x the prefetch multiplier, less what it holds), each tagged
         # `<worker>.<number>` from this number on.
         most = max(1, min(self.fetch_most, self.qos.can_consume_max_estimate() or 1))
+        if room is not None:
+            most = min(most, room)
         number, self._next_tag = self._next_tag, self._next_tag + most
         # The command is the same from one fetch to the next but for the time, the first tag,
         # the count and whether the channel holds anything: the rest is packed once per order
@@ -628,6 +649,29 @@ class Channel(kombu_redis.Channel):
                 head + dynamic + tail + b"".join(bulk_string(tag) for tag in acks),
             ]
         )
+
+    def _window_room(self) -> int | None:
+        """The messages the hold window lets the next fetch take; None without one."""
+        window = self._window
+        if window is None:
+            return None
+        return window.size(time.monotonic()) - self._holding()
+
+    def _settle_acks_soon(self) -> None:
+        """While the hold window keeps fetches back, settle the acknowledgements left for the
+        next fetch within ACKS_WAIT seconds if no fetch has carried them by then."""
+        if not self._acks or self._acks_timer is not None:
+            return
+        hub = get_event_loop()
+        if hub is None:
+            self.flush_acks()
+            return
+        self._acks_timer = hub.call_later(ACKS_WAIT, self._acks_waited)
+
+    def _acks_waited(self) -> None:
+        self._acks_timer = None
+        if self._pending != "fetch":  # (a fetch on its way: the next carries them, or waits)
+            self.flush_acks()
 
     def _pack_fetch(self, order: list[tuple[str, str]]) -> tuple[int, bytes, bytes]:
         """The fetch's EVALSHA for this order, packed (RESP): its length without the

@@ -317,3 +317,41 @@ def test_hostile_bytes_pushed_into_redis_do_not_stop_a_threads_worker(
         stop(worker)
     assert {letter.reason for letter in dead_letters()} == {"malformed"}
     assert client.llen("default") == 0 and client.hlen("unacked") == 0
+
+
+def test_short_jobs_grow_the_held_window_to_four_a_thread_and_no_further(
+    services: Services, tmp_path: Path
+) -> None:
+    """With the default settings, a threads worker of 2 draining jobs of about a millisecond
+    holds more than its floor of two a thread (its pace fills THREADS_HOLD_AHEAD) and never
+    more than four; with THREADS_HOLD_AHEAD=0, two a thread at most. Each job runs once."""
+    from tests.integration.harness_jobs import RUNS_KEY
+
+    broker = isolated_broker(services.broker_url, 13)
+    client = client_for(broker)
+    count = 3000
+    for ahead, least, most in (("", 5, 8), ("0", 1, 4)):
+        flush_broker(broker)
+        producer = producer_for(broker)
+        with producer.connection_for_write() as connection, connection.Producer() as publisher:
+            for i in range(count):
+                producer.send_task(
+                    "jobs.test_record_run",
+                    args=[f"w{ahead}-{i}"],
+                    queue="default",
+                    producer=publisher,
+                )
+        env = {"THREADS_HOLD_AHEAD": ahead} if ahead else {}
+        log = tmp_path / f"window-{ahead or 'default'}.log"
+        worker = threads_worker(services, broker, log, f"threads-window{ahead}@%h", 2, env)
+        held: list[int] = []
+        try:
+            deadline = time.monotonic() + 120
+            while client.llen(RUNS_KEY) < count and time.monotonic() < deadline:
+                held.append(int(client.hlen("unacked")))
+                time.sleep(0.002)
+        finally:
+            stop(worker)
+        runs = [json.loads(entry)["token"] for entry in client.lrange(RUNS_KEY, 0, -1)]
+        assert sorted(runs) == sorted(f"w{ahead}-{i}" for i in range(count))
+        assert least <= max(held) <= most, (ahead, max(held))

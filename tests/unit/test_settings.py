@@ -49,6 +49,7 @@ def test_values_are_read_from_the_environment() -> None:
             "LOG_LEVEL": "debug",
             "APP_STATE_DIR": "/var/lib/jobs",
             "THREADS_PREFETCH": "1",
+            "THREADS_HOLD_AHEAD": "0.05",
             "STATSD_FLUSH_INTERVAL": "0.25",
         }
     )
@@ -66,12 +67,18 @@ def test_values_are_read_from_the_environment() -> None:
     assert (settings.log_format, settings.log_level) == ("json", "DEBUG")
     assert settings.state_dir == Path("/var/lib/jobs")
     assert settings.threads_prefetch == 1
+    assert settings.threads_hold_ahead == 0.05
     assert settings.statsd_flush_interval == 0.25
 
 
 def test_statsd_batches_a_second_by_default_and_zero_sends_each_metric_alone() -> None:
     assert load_settings({}).statsd_flush_interval == 1.0
     assert load_settings({"STATSD_FLUSH_INTERVAL": "0"}).statsd_flush_interval == 0.0
+
+
+def test_the_hold_window_looks_20_ms_ahead_by_default_and_zero_turns_it_off() -> None:
+    assert load_settings({}).threads_hold_ahead == 0.02
+    assert load_settings({"THREADS_HOLD_AHEAD": "0"}).threads_hold_ahead == 0.0
 
 
 def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
@@ -109,6 +116,9 @@ def test_a_rabbitmq_broker_gets_the_rpc_result_backend() -> None:
         ("STATSD_FLUSH_INTERVAL", "61", "a number of seconds from 0"),
         ("STATSD_FLUSH_INTERVAL", "nan", "a number of seconds from 0"),
         ("STATSD_FLUSH_INTERVAL", "soon", "a number of seconds from 0"),
+        ("THREADS_HOLD_AHEAD", "-0.1", "a number of seconds from 0"),
+        ("THREADS_HOLD_AHEAD", "2", "a number of seconds from 0"),
+        ("THREADS_HOLD_AHEAD", "nan", "a number of seconds from 0"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_was_expected(
