@@ -8,7 +8,10 @@ What it changes in kombu's Redis channel (`kombu.transport.redis`):
   (weighted, round robin or strict), records it and pops it last. One fetch takes as many
   messages from that queue as the prefetch window has room for (at most `fetch_most`, 100),
   each recorded under a tag of its own: a threads worker of 8 fills its eight threads in one
-  round trip, a prefork worker with prefetch 1 takes one at a time. When every queue is empty the
+  round trip, a prefork worker with prefetch 1 takes one at a time. With `hold_window` (the
+  threads pool's) the window follows the pace, between a floor and the prefetch
+  (`app.delivery.window`); while it is full the channel fetches nothing, and acknowledgements
+  left for the next fetch are settled on their own after ACKS_WAIT. When every queue is empty the
   channel waits with `BLMOVE q q RIGHT RIGHT`, which blocks until the first queue of the order
   has a message and leaves it where it was; a message arriving on another queue of an idle
   worker waits at most `fetch_wait` seconds (0.1 s). Under load there is no waiting.
