@@ -340,36 +340,33 @@ def _bounded(name: str, raw: str, default: float, least: float) -> float:
     return value
 
 
-def _flush_interval(raw: str) -> float:
+def _seconds_from_zero(name: str, raw: str, default: float, most: float, zero: str) -> float:
+    """Seconds from 0 (which means `zero`) to `most`; `default` when unset."""
     if not raw:
-        return 1.0
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= 60:
-        raise ConfigError(
-            "STATSD_FLUSH_INTERVAL",
-            "a number of seconds from 0 (a datagram a metric, unbatched) to 60",
-            raw,
-        )
+    if not 0 <= value <= most:
+        raise ConfigError(name, f"a number of seconds from 0 ({zero}) to {most:g}", raw)
     return value
+
+
+def _flush_interval(raw: str) -> float:
+    return _seconds_from_zero(
+        "STATSD_FLUSH_INTERVAL", raw, 1.0, 60, "a datagram a metric, unbatched"
+    )
 
 
 def _hold_ahead(raw: str) -> float:
-    if not raw:
-        return HOLD_AHEAD
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise ConfigError(
-            "THREADS_HOLD_AHEAD",
-            "a number of seconds from 0 (hold THREADS_PREFETCH a thread, whatever the pace) to 1",
-            raw,
-        )
-    return value
+    return _seconds_from_zero(
+        "THREADS_HOLD_AHEAD",
+        raw,
+        HOLD_AHEAD,
+        1,
+        "hold THREADS_PREFETCH a thread, whatever the pace",
+    )
 
 
 def _count(env: Mapping[str, str], name: str, default: int) -> int:
