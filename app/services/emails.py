@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Table, Update, bindparam, select, update
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
@@ -17,6 +17,7 @@ from app.models import EmailDelivery, User
 from app.services import mailer
 from app.services.errors import DomainError, NotFound
 from app.services.mailer import PermanentMailError
+from app.services.statements import settling, value
 
 Transport = Callable[[EmailMessage], None]
 
@@ -104,11 +105,6 @@ _DELIVERIES = cast(Table, EmailDelivery.__table__)
 _USERS = cast(Table, User.__table__)
 
 
-def _value(name: str) -> BindParameter[Any]:
-    """A parameter for the delivery's column `name`, of that column's type."""
-    return bindparam(name, type_=_DELIVERIES.c[name].type)
-
-
 def _claiming(claim: Insert) -> ReturningInsert[Any]:
     return claim.on_conflict_do_update(
         index_elements=["idempotency_key"],
@@ -127,29 +123,22 @@ _CLAIM_COLUMNS = ("user_id", "email_type", "idempotency_key")
 _CLAIM_FOR_USER = _claiming(
     insert(_DELIVERIES).from_select(
         [*_CLAIM_COLUMNS, "recipient"],
-        select(*(_value(name) for name in _CLAIM_COLUMNS), _USERS.c.email).where(
+        select(*(value(_DELIVERIES, name) for name in _CLAIM_COLUMNS), _USERS.c.email).where(
             _USERS.c.id == bindparam("user_id")
         ),
     )
 )
 #: An email to configured addresses (no user).
 _CLAIM = _claiming(
-    insert(_DELIVERIES).values({name: _value(name) for name in (*_CLAIM_COLUMNS, "recipient")})
+    insert(_DELIVERIES).values(
+        {name: value(_DELIVERIES, name) for name in (*_CLAIM_COLUMNS, "recipient")}
+    )
 )
 _SETTLED = select(_DELIVERIES.c.id, _DELIVERIES.c.status).where(
     _DELIVERIES.c.idempotency_key == bindparam("idempotency_key")
 )
-#: The settling UPDATE for each set of columns it writes.
-_SETTLE: dict[frozenset[str], Update] = {}
 
 
 def _settle(session: Session, delivery_id: int, **values: Any) -> None:
-    columns = frozenset(values)
-    statement = _SETTLE.get(columns)
-    if statement is None:
-        statement = _SETTLE[columns] = (
-            update(_DELIVERIES)
-            .where(_DELIVERIES.c.id == bindparam("delivery_id"))
-            .values({name: _value(name) for name in sorted(columns)})
-        )
+    statement = settling(_DELIVERIES, "delivery_id", frozenset(values))
     session.execute(statement, {**values, "delivery_id": delivery_id})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, select, update
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 
 from app.models import Order, Payment
@@ -18,6 +18,7 @@ from app.services.payment_gateway import (
     PaymentDeclined,
     PaymentGatewayClient,
 )
+from app.services.statements import settling
 
 
 class PaymentNotFound(NotFound):
@@ -69,7 +70,8 @@ def process_payment(
     else:
         settled["status"], settled["gateway_charge_id"] = "succeeded", charge.charge_id
     settled["processed_at"] = dt.datetime.now(dt.UTC)
-    session.execute(_settling(frozenset(settled)), {**settled, "payment_id": payment_id})
+    statement = settling(_PAYMENTS, "payment_id", frozenset(settled))
+    session.execute(statement, {**settled, "payment_id": payment_id})
     return PaymentOutcome(payment_id, row.user_id, row.amount, settled["status"], True, declined)
 
 
@@ -91,18 +93,3 @@ _LOCK = (
     .where(_PAYMENTS.c.id == bindparam("payment_id"))
     .with_for_update(of=_PAYMENTS)
 )
-#: The settling UPDATE for each set of columns it writes.
-_SETTLE: dict[frozenset[str], Update] = {}
-
-
-def _settling(columns: frozenset[str]) -> Update:
-    statement = _SETTLE.get(columns)
-    if statement is None:
-        statement = _SETTLE[columns] = (
-            update(_PAYMENTS)
-            .where(_PAYMENTS.c.id == bindparam("payment_id"))
-            .values(
-                {name: bindparam(name, type_=_PAYMENTS.c[name].type) for name in sorted(columns)}
-            )
-        )
-    return statement
